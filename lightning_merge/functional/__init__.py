@@ -1,0 +1,37 @@
+"""Pure-torch merge math. Never imports Lightning: every function takes one parameter's tensors and returns one."""
+
+from lightning_merge.functional.merges import (
+    average,
+    sftm,
+    sftm_factors,
+    task_arithmetic,
+    ties,
+    trim_magnitude,
+    tsv_m,
+    tsv_m_factors,
+)
+from lightning_merge.functional.svd import (
+    gram_roots,
+    orthogonalize,
+    sti,
+    task_features,
+    truncated_svd,
+    use_randomized,
+)
+
+__all__ = [
+    "average",
+    "gram_roots",
+    "orthogonalize",
+    "sftm",
+    "sftm_factors",
+    "sti",
+    "task_arithmetic",
+    "task_features",
+    "ties",
+    "trim_magnitude",
+    "truncated_svd",
+    "tsv_m",
+    "tsv_m_factors",
+    "use_randomized",
+]

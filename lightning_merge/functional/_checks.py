@@ -1,0 +1,105 @@
+"""Argument validation shared by the merge functions (one error template, checks before any work)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Rank = int | float | None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 stays float64, everything else (fp16, bf16, fp32) runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stack_task_vectors(task_vectors: Sequence[Tensor] | Tensor, weights: Sequence[float] | None = None) -> Tensor:
+    """Validate the task vectors and stack them as ``(T, *shape)`` in the compute dtype, times ``weights``.
+
+    Raises:
+        ValueError: empty input, mismatched shapes, non-finite values, or ``weights`` of the wrong length.
+        TypeError: a non-tensor or a non-floating-point tensor.
+    """
+    if isinstance(task_vectors, Tensor):
+        task_vectors = list(task_vectors.unbind(0)) if task_vectors.ndim > 0 else [task_vectors]
+    task_vectors = list(task_vectors)
+    if not task_vectors:
+        raise ValueError("Expected argument `task_vectors` to hold at least one tensor, but got an empty sequence.")
+    first = task_vectors[0]
+    for t, tv in enumerate(task_vectors):
+        if not isinstance(tv, Tensor):
+            raise TypeError(f"Expected argument `task_vectors[{t}]` to be a torch.Tensor, but got {type(tv).__name__}.")
+        if not tv.is_floating_point():
+            raise TypeError(
+                f"Expected argument `task_vectors[{t}]` to be a floating-point tensor, but got dtype {tv.dtype}."
+            )
+        if tv.shape != first.shape:
+            raise ValueError(
+                f"Expected every task vector to have shape {tuple(first.shape)} like `task_vectors[0]`, but"
+                f" `task_vectors[{t}]` has shape {tuple(tv.shape)}."
+            )
+    stacked = torch.stack(task_vectors).to(compute_dtype(first.dtype))
+    if not torch.isfinite(stacked).all():
+        bad = [t for t in range(len(task_vectors)) if not torch.isfinite(stacked[t]).all()]
+        raise ValueError(f"Expected finite task vectors, but `task_vectors{bad}` contain NaN or Inf.")
+    if weights is not None:
+        check_weights(weights, len(task_vectors))
+        w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
+        stacked = stacked * w.view(-1, *([1] * (stacked.ndim - 1)))
+    return stacked
+
+
+def check_weights(weights: Sequence[float] | None, num_tasks: int | None = None) -> None:
+    if weights is None:
+        return
+    weights = list(weights)
+    if not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"Expected argument `weights` to be a sequence of finite numbers, but got {weights}.")
+    if num_tasks is not None and len(weights) != num_tasks:
+        raise ValueError(f"Expected argument `weights` to have one entry per task ({num_tasks}), but got {len(weights)}.")
+
+
+def check_rank(rank: Rank) -> None:
+    ok_int = isinstance(rank, int) and not isinstance(rank, bool) and rank > 0
+    ok_float = isinstance(rank, float) and 0.0 < rank <= 1.0
+    if not (rank is None or ok_int or ok_float):
+        raise ValueError(
+            f"Expected argument `rank` to be None, a positive int or a float in (0, 1], but got {rank!r}."
+        )
+
+
+def resolve_rank(rank: Rank, r: int, num_tasks: int) -> int:
+    """Per-task number of kept components ``k`` for a matrix of rank budget ``r = min(m, n)``.
+
+    ``None``: ``max(1, r // T)`` (METHODS.md; the reference returns zero when ``r < T``, we keep one). An int is
+    clamped to ``r``; a float is a fraction of ``r`` (at least one component).
+    """
+    check_rank(rank)
+    if rank is None:
+        return max(1, r // num_tasks)
+    if isinstance(rank, int):
+        return min(rank, r)
+    return max(1, math.floor(rank * r))
+
+
+def check_scaling(scaling: float) -> None:
+    if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling):
+        raise ValueError(f"Expected argument `scaling` to be a finite number, but got {scaling!r}.")
+
+
+def check_density(density: float) -> None:
+    if isinstance(density, bool) or not isinstance(density, int | float) or not 0.0 < density <= 1.0:
+        raise ValueError(f"Expected argument `density` to be a float in (0, 1], but got {density!r}.")
+
+
+def check_rcond(rcond: float) -> None:
+    if isinstance(rcond, bool) or not isinstance(rcond, int | float) or not 0.0 <= rcond < 1.0:
+        raise ValueError(f"Expected argument `rcond` to be a float in [0, 1), but got {rcond!r}.")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"Expected argument `{name}` to be one of {list(choices)}, but got {value!r}.")

@@ -1,0 +1,215 @@
+"""The merge methods as pure functions of one parameter's task vectors (METHODS.md is the specification).
+
+Each function takes the ``T`` task vectors ``D_t = W_t - W0`` of one parameter (a sequence of tensors, or one
+stacked ``(T, *shape)`` tensor) and returns the scaled merged task vector ``scaling * M`` in the input dtype, so
+that the merged parameter is ``W0 + scaling * M``. Half-precision inputs are computed in float32 (the small
+systems in float64). Inputs are never modified; nothing here chooses a device or does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_merge.functional._checks import (
+    Rank,
+    check_choice,
+    check_density,
+    check_rank,
+    check_rcond,
+    check_scaling,
+    check_weights,
+    resolve_rank,
+    stack_task_vectors,
+)
+from lightning_merge.functional.svd import (
+    SOLVERS,
+    Solver,
+    gram,
+    gram_roots,
+    orthogonalize,
+    psd_solve,
+    task_features,
+)
+
+TaskVectors = Sequence[Tensor] | Tensor
+Basis = Literal["features", "orthogonal"]
+Factors = tuple[Tensor, Tensor]
+
+
+def _dtype_of(task_vectors: TaskVectors) -> torch.dtype:
+    first = task_vectors if isinstance(task_vectors, Tensor) else next(iter(task_vectors), None)
+    return first.dtype if isinstance(first, Tensor) else torch.float32
+
+
+def average(task_vectors: TaskVectors, *, scaling: float = 1.0, weights: Sequence[float] | None = None) -> Tensor:
+    """Average of the task vectors: ``M = mean_t D_t``.
+
+    Example:
+        >>> average([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])
+        tensor([2., 3.])
+    """
+    check_scaling(scaling)
+    check_weights(weights)
+    return (scaling * stack_task_vectors(task_vectors, weights).mean(0)).to(_dtype_of(task_vectors))
+
+
+def task_arithmetic(
+    task_vectors: TaskVectors, *, scaling: float = 0.3, weights: Sequence[float] | None = None
+) -> Tensor:
+    """Task arithmetic (Ilharco et al., ICLR 2023, arXiv:2212.04089): ``M = sum_t D_t``, default ``scaling = 0.3``.
+
+    Example:
+        >>> task_arithmetic([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])], scaling=1.0)
+        tensor([4., 6.])
+    """
+    check_scaling(scaling)
+    check_weights(weights)
+    return (scaling * stack_task_vectors(task_vectors, weights).sum(0)).to(_dtype_of(task_vectors))
+
+
+def trim_magnitude(deltas: Tensor, density: float) -> Tensor:
+    """Keep the ``ceil(density * numel)`` largest-magnitude entries of each ``deltas[t]``, zero the rest."""
+    flat = deltas.flatten(1)
+    keep = math.ceil(density * flat.shape[1])
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(keep, dim=1).indices, True)
+    return (flat * mask).view_as(deltas)
+
+
+def ties(
+    task_vectors: TaskVectors,
+    *,
+    density: float = 0.2,
+    scaling: float = 1.0,
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """TIES-Merging (Yadav et al., NeurIPS 2023, arXiv:2306.01708), per-tensor trim (like peft and mergekit).
+
+    1. Trim: keep the top ``density`` fraction of each task vector by magnitude.
+    2. Elect: the sign of the sum of the trimmed values, per entry.
+    3. Disjoint mean: average the non-zero trimmed entries that agree with the elected sign.
+
+    Example:
+        >>> ties([torch.tensor([1.0, -2.0]), torch.tensor([3.0, 1.0])], density=1.0)
+        tensor([ 2., -2.])
+    """
+    check_density(density)
+    check_scaling(scaling)
+    check_weights(weights)
+    trimmed = trim_magnitude(stack_task_vectors(task_vectors, weights), density)
+    elected = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+    return (scaling * merged).to(_dtype_of(task_vectors))
+
+
+def tsv_m_factors(U: Tensor, s: Tensor, V: Tensor) -> Factors:
+    """TSV-M steps 3-4 on concatenated features: ``M = U_perp diag(s) V_perp^T``, returned as ``(U_perp diag(s), V_perp)``."""
+    return orthogonalize(U) * s.to(U.dtype), orthogonalize(V)
+
+
+def sftm_factors(U: Tensor, s: Tensor, V: Tensor, *, basis: Basis = "features", rcond: float | None = None) -> Factors:
+    """SFTM steps 3-4 on concatenated features, returned as factors ``(L, R)`` with ``M = L R^T``.
+
+    ``basis="features"``: ``M = U diag(alpha) V^T`` with ``A alpha = s``, ``A = (U^T U) * (V^T V)``.
+    ``basis="orthogonal"``: ``M = U_perp diag(alpha) V_perp^T`` with ``B alpha = s``,
+    ``B = (U^T U_perp) * (V^T V_perp)``; since ``U^T U_perp = (U^T U)^{1/2}``, ``B`` is the element-wise product of
+    the Gram roots, symmetric PSD like ``A``. Both systems are solved in float64, minimum norm.
+    """
+    rows = max(U.shape[0], V.shape[0])
+    if basis == "features":
+        alpha = psd_solve(gram(U) * gram(V), s, rcond, U.dtype, rows).to(U.dtype)
+        return U * alpha, V
+    (ru, iu), (rv, iv) = gram_roots(U), gram_roots(V)
+    alpha = psd_solve(ru * rv, s, rcond, U.dtype, rows).to(U.dtype)
+    return (U @ iu.to(U.dtype)) * alpha, V @ iv.to(V.dtype)
+
+
+def _svd_merge(
+    task_vectors: TaskVectors,
+    factors: Callable[[Tensor, Tensor, Tensor], Factors],
+    *,
+    rank: Rank,
+    scaling: float,
+    solver: Solver,
+    weights: Sequence[float] | None,
+) -> Tensor:
+    """The pipeline shared by TSV-M and SFTM: matrices go through features -> factors, the rest is averaged."""
+    check_rank(rank)
+    check_scaling(scaling)
+    check_choice("solver", solver, SOLVERS)
+    check_weights(weights)
+    deltas = stack_task_vectors(task_vectors, weights)
+    if deltas.ndim != 3:
+        merged = deltas.mean(0)
+    else:
+        T, m, n = deltas.shape
+        U, s, V = task_features(deltas, resolve_rank(rank, min(m, n), T), solver=solver)
+        left, right = factors(U, s, V)
+        merged = left @ right.mT
+    return (scaling * merged).to(_dtype_of(task_vectors))
+
+
+def tsv_m(
+    task_vectors: TaskVectors,
+    *,
+    rank: Rank = None,
+    scaling: float = 1.0,
+    solver: Solver = "auto",
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """TSV-M, Task Singular Vectors Merge (Gargiulo et al., CVPR 2025, arXiv:2412.00081).
+
+    For a matrix parameter: keep the top ``k`` singular triplets of each task matrix (``k = max(1, r // T)`` by
+    default, ``rank`` an int or a fraction of ``r = min(m, n)``), concatenate them into ``U``, ``s``, ``V``, replace
+    ``U`` and ``V`` by their polar factors and return ``scaling * U_perp diag(s) V_perp^T``. Other parameters
+    (biases, norms, any tensor that is not 2-D) are averaged. See :func:`~lightning_merge.functional.svd.task_features`
+    and :func:`~lightning_merge.functional.svd.orthogonalize` for the choices made on degenerate inputs.
+
+    Example:
+        >>> d = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))
+        >>> tsv_m([d], rank=2)  # one task: its rank-2 truncation
+        tensor([[3., 0., 0., 0.],
+                [0., 2., 0., 0.],
+                [0., 0., 0., 0.],
+                [0., 0., 0., 0.]])
+    """
+    return _svd_merge(task_vectors, tsv_m_factors, rank=rank, scaling=scaling, solver=solver, weights=weights)
+
+
+def sftm(
+    task_vectors: TaskVectors,
+    *,
+    rank: Rank = None,
+    scaling: float = 1.0,
+    basis: Basis = "features",
+    rcond: float | None = None,
+    solver: Solver = "auto",
+    weights: Sequence[float] | None = None,
+) -> Tensor:
+    """SFTM, Superpose Features from Task Matrix (Qiu, Wu, Yao, arXiv:2502.10698; EMNLP 2025).
+
+    For a matrix parameter: keep the top ``k`` singular triplets ``(u_ti, s_ti, v_ti)`` of each task matrix (same
+    budget as :func:`tsv_m`), and solve for ``M = sum alpha_ti u_ti v_ti^T`` such that ``u_ti^T M v_ti = s_ti`` for
+    every kept feature: ``((U^T U) * (V^T V)) alpha = s``, minimum-norm least squares in float64 with eigenvalues
+    below ``rcond * max`` cut (``None``: the inputs' round-off level). ``basis="orthogonal"`` (this project's
+    extension) keeps the same constraints but superposes TSV-M's orthogonalized features. Other parameters are
+    averaged.
+
+    Example:
+        >>> d = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))
+        >>> torch.allclose(sftm([d, d], rank=2), tsv_m([d], rank=2))  # identical tasks: one truncation, not two
+        True
+    """
+    check_choice("basis", basis, ("features", "orthogonal"))
+    if rcond is not None:
+        check_rcond(rcond)
+
+    def factors(U: Tensor, s: Tensor, V: Tensor) -> Factors:
+        return sftm_factors(U, s, V, basis=basis, rcond=rcond)
+
+    return _svd_merge(task_vectors, factors, rank=rank, scaling=scaling, solver=solver, weights=weights)

@@ -1,0 +1,166 @@
+"""Shared linear-algebra steps of the SVD-based merges: truncated SVD, task features, polar orthogonalization,
+PSD solves and the STI diagnostic. Every merge method is a composition of these (METHODS.md)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_merge.functional._checks import check_choice
+
+Solver = Literal["auto", "exact", "randomized"]
+SOLVERS = ("auto", "exact", "randomized")
+
+
+def use_randomized(k: int, r: int, oversample: int = 10) -> bool:
+    """The ``"auto"`` rule: randomized only when the sketch ``k + oversample`` is at most a quarter of ``r``.
+
+    Below that fraction the randomized solver is several times faster than ``torch.linalg.svd`` (6x at
+    ``k = r / 8``, see ``benchmarks/bench_core.py``) and its top-``k`` subspace is as good an approximation as the
+    exact one; above it the speed-up fades and more of the kept components sit in the noise floor, where the two
+    solvers pick different (equally good) directions.
+    """
+    return r >= 64 and 4 * (k + oversample) <= r
+
+
+def truncated_svd(
+    matrices: Tensor,
+    k: int,
+    *,
+    solver: Solver = "auto",
+    oversample: int = 10,
+    niter: int = 2,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` SVD of a matrix or a batch of matrices: ``matrices ~ U diag(S) V^T``.
+
+    Args:
+        matrices: ``(..., m, n)`` floating-point tensor; the SVD runs in its dtype and on its device.
+        k: number of components to keep, ``1 <= k <= min(m, n)``.
+        solver: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (Halko, Martinsson, Tropp 2011, Alg. 4.4:
+            Gaussian sketch with ``oversample`` extra columns and ``niter`` QR-stabilized power iterations), or
+            ``"auto"`` (see :func:`use_randomized`).
+        seed: seed of the randomized sketch; a private generator is used, so the result is deterministic and the
+            global RNG is left alone.
+
+    Returns:
+        ``U`` ``(..., m, k)``, ``S`` ``(..., k)`` in descending order, ``V`` ``(..., n, k)``.
+
+    Example:
+        >>> x = torch.randn(5, 4, dtype=torch.float64)
+        >>> U, S, V = truncated_svd(x, 4, solver="exact")
+        >>> torch.allclose(U @ torch.diag(S) @ V.T, x)
+        True
+    """
+    check_choice("solver", solver, SOLVERS)
+    r = min(matrices.shape[-2:])
+    if not 1 <= k <= r:
+        raise ValueError(f"Expected argument `k` to be in [1, {r}] for matrices of shape {tuple(matrices.shape)}, but got {k}.")
+    if solver == "exact" or (solver == "auto" and not use_randomized(k, r, oversample)):
+        U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
+        return U[..., :k], S[..., :k], Vh[..., :k, :].mT
+    U, S, V = _randomized_svd(matrices, min(k + oversample, r), niter, seed)
+    return U[..., :k], S[..., :k], V[..., :k]
+
+
+def _randomized_svd(x: Tensor, q: int, niter: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    # Written out rather than torch.svd_lowrank because that one draws from the global RNG: merges must be
+    # reproducible across ranks and resumed runs without touching the user's random state.
+    if x.shape[-2] < x.shape[-1]:
+        V, S, U = _randomized_svd(x.mT, q, niter, seed)
+        return U, S, V
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    omega = torch.randn(*x.shape[:-2], x.shape[-1], q, generator=gen, dtype=x.dtype, device=x.device)
+    Q = torch.linalg.qr(x @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(x @ torch.linalg.qr(x.mT @ Q).Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ x, full_matrices=False)
+    return Q @ Ub, S, Vh.mT
+
+
+def task_features(
+    deltas: Tensor, k: int, *, solver: Solver = "auto", oversample: int = 10, niter: int = 2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenated top-``k`` singular features of ``T`` task matrices (METHODS.md, TSV-M steps 1-2).
+
+    Args:
+        deltas: ``(T, m, n)`` task matrices.
+
+    Returns:
+        ``U`` ``(m, F)``, ``s`` ``(F,)``, ``V`` ``(n, F)`` with ``F <= T * k``, task by task. Components that are
+        numerically zero (``s <= s_max * max(m, n) * eps``, the usual numerical-rank tolerance) are dropped
+        **(choice)**: their singular vectors are arbitrary and would otherwise steer the orthogonalization of the
+        other tasks' features; for a zero task matrix nothing is kept.
+    """
+    U, S, V = truncated_svd(deltas, k, solver=solver, oversample=oversample, niter=niter)
+    tol = S[:, :1] * max(deltas.shape[-2:]) * torch.finfo(S.dtype).eps
+    keep = (S > tol).flatten()
+    T, m, n = deltas.shape
+    U = U.transpose(0, 1).reshape(m, T * k)[:, keep]
+    V = V.transpose(0, 1).reshape(n, T * k)[:, keep]
+    return U, S.flatten()[keep], V
+
+
+def gram(x: Tensor) -> Tensor:
+    """``x^T x`` in float64 (the Gram matrices are small; float64 keeps their small eigenvalues meaningful)."""
+    x = x.to(torch.float64)
+    return x.mT @ x
+
+
+def _psd_tolerance(g: Tensor, source_dtype: torch.dtype, rows: int) -> float:
+    # Eigenvalues of the float64 Gram of a `source_dtype` matrix below this fraction of the largest are noise:
+    # round-off of the source entries squared, or of the float64 eigensolver, whichever is larger.
+    eps = torch.finfo(source_dtype).eps
+    return max(10 * max(rows, g.shape[-1]) * eps**2, g.shape[-1] * torch.finfo(torch.float64).eps)
+
+
+def gram_roots(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G^{1/2}, G^{+1/2})`` of the float64 Gram ``G = x^T x``; eigenvalues at round-off level count as zero."""
+    g = gram(x)
+    lam, Q = torch.linalg.eigh(g)
+    keep = lam > _psd_tolerance(g, x.dtype, x.shape[0]) * lam[-1].clamp_min(torch.finfo(lam.dtype).tiny)
+    root = torch.where(keep, lam.clamp_min(0).sqrt(), 0.0)
+    inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(lam.dtype).tiny), 0.0)
+    return (Q * root) @ Q.mT, (Q * inv_root) @ Q.mT
+
+
+def orthogonalize(x: Tensor) -> Tensor:
+    """Polar factor of ``x``: the matrix with orthonormal columns closest to it (Procrustes), ``x (x^T x)^{+1/2}``.
+
+    Computed from the float64 Gram matrix (an ``F x F`` eigendecomposition, cheaper than the SVD of ``x``).
+    **(choice)** On rank-deficient ``x`` (for example identical tasks) the pseudo-inverse root gives the
+    minimum-norm polar factor, zero on the null space, instead of an arbitrary completion.
+
+    Example:
+        >>> x = torch.randn(6, 3, dtype=torch.float64)
+        >>> q = orthogonalize(x)
+        >>> torch.allclose(q.T @ q, torch.eye(3, dtype=torch.float64))
+        True
+    """
+    return x @ gram_roots(x)[1].to(x.dtype)
+
+
+def psd_solve(a: Tensor, b: Tensor, rcond: float | None, source_dtype: torch.dtype, rows: int) -> Tensor:
+    """Minimum-norm least-squares solution of ``a x = b`` for symmetric PSD ``a`` (float64).
+
+    ``rcond``: eigenvalues of ``a`` at most ``rcond * max`` are treated as zero; ``None`` picks the round-off
+    level of the inputs (see :func:`orthogonalize`).
+    """
+    rtol = _psd_tolerance(a, source_dtype, rows) if rcond is None else rcond
+    return torch.linalg.pinv(a, rtol=rtol, hermitian=True) @ b.to(a.dtype)
+
+
+def sti(U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+    """Singular Task Interference (Gargiulo et al., CVPR 2025, eq. 5) of concatenated features of one layer:
+
+    ``STI = sum_ij |(U^T U - I) diag(s) (V^T V - I)|_ij``. Zero when the tasks' features are mutually orthogonal.
+
+    Example:
+        >>> e = torch.eye(4, dtype=torch.float64)
+        >>> float(sti(e[:, :2], torch.ones(2, dtype=torch.float64), e[:, :2]))
+        0.0
+    """
+    eye = torch.eye(U.shape[-1], dtype=torch.float64, device=U.device)
+    return (((gram(U) - eye) * s.to(torch.float64)) @ (gram(V) - eye)).abs().sum()

@@ -1,0 +1,218 @@
+"""Typed, validated, picklable merge-method objects and the plain registry that names them.
+
+A method object carries its options; ``method.merge(task_vectors)`` returns the scaled merged task vector of one
+parameter and ``method(base, finetuned)`` the merged parameter. The callback, the engine and the command line
+name methods by string through :func:`get_method`, so ``LightningCLI`` YAML can configure them.
+
+Example:
+    >>> method = get_method("tsv_m", rank=0.125)
+    >>> method
+    TSVM(scaling=1.0, weights=None, rank=0.125, solver='auto')
+    >>> base = torch.zeros(4, 4)
+    >>> method(base, [base + torch.eye(4), base - torch.eye(4)]).shape
+    torch.Size([4, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_merge import functional as F
+from lightning_merge.functional._checks import (
+    Rank,
+    check_choice,
+    check_density,
+    check_rank,
+    check_rcond,
+    check_scaling,
+    check_weights,
+    compute_dtype,
+    resolve_rank,
+)
+from lightning_merge.functional.merges import Basis, Factors, TaskVectors
+from lightning_merge.functional.svd import SOLVERS, Solver, use_randomized
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeMethod(ABC):
+    """Base class: ``scaling`` is the coefficient ``lam`` of ``W = W0 + lam * M``; ``weights`` scale each task."""
+
+    name: ClassVar[str]
+    reference_url: ClassVar[str]
+    scaling: float = 1.0
+    weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_scaling(self.scaling)
+        if self.weights is not None:
+            check_weights(self.weights)
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+
+    @abstractmethod
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        """The merged task vector ``scaling * M`` of one parameter, in the dtype of the task vectors."""
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments, as primitives (for logs, records and ``get_method(name, **options)``)."""
+        return dataclasses.asdict(self)
+
+    def with_scaling(self, scaling: float) -> MergeMethod:
+        """The same method with another scaling coefficient."""
+        return dataclasses.replace(self, scaling=scaling)
+
+    def __call__(self, base: Tensor, finetuned: Sequence[Tensor]) -> Tensor:
+        """The merged parameter ``W0 + scaling * M`` from the base and the fine-tuned tensors, in the base's dtype.
+
+        Differences are taken in float32 (float64 for float64 inputs), so bf16 weights lose nothing to cancellation.
+        """
+        if not isinstance(base, Tensor):
+            raise TypeError(f"Expected argument `base` to be a torch.Tensor, but got {type(base).__name__}.")
+        cdt = compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
+        deltas = [f.to(cdt) - base.to(cdt) if isinstance(f, Tensor) else f for f in finetuned]
+        return (base.to(cdt) + self.merge(deltas)).to(base.dtype)
+
+    def cost(self, shape: Sequence[int], num_tasks: int) -> float:
+        """Estimated floating-point operations to merge one parameter (used to balance work across ranks)."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        return float(numel * num_tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class Average(MergeMethod):
+    """``M = mean_t D_t``."""
+
+    name: ClassVar[str] = "average"
+    reference_url: ClassVar[str] = "https://arxiv.org/abs/2203.05482"
+
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        return F.average(task_vectors, scaling=self.scaling, weights=self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic, ``M = sum_t D_t`` (Ilharco et al., ICLR 2023); ``scaling`` defaults to 0.3."""
+
+    name: ClassVar[str] = "task_arithmetic"
+    reference_url: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
+    scaling: float = 0.3
+
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        return F.task_arithmetic(task_vectors, scaling=self.scaling, weights=self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class TIES(MergeMethod):
+    """TIES-Merging with per-tensor trimming to ``density`` (Yadav et al., NeurIPS 2023)."""
+
+    name: ClassVar[str] = "ties"
+    reference_url: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
+    density: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_density(self.density)
+
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        return F.ties(task_vectors, density=self.density, scaling=self.scaling, weights=self.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class SVDMethod(MergeMethod):
+    """Shared options of the merges on singular features: ``rank`` per task and the SVD ``solver``."""
+
+    rank: Rank = None
+    solver: Solver = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rank(self.rank)
+        check_choice("solver", self.solver, SOLVERS)
+
+    @abstractmethod
+    def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
+        """``(L, R)`` with ``M = L R^T`` from concatenated task features (the step shared with LoRA merging)."""
+
+    def cost(self, shape: Sequence[int], num_tasks: int) -> float:
+        if len(shape) != 2:
+            return super().cost(shape, num_tasks)
+        m, n = shape
+        r = min(m, n)
+        k = resolve_rank(self.rank, r, num_tasks)
+        per_task = m * n * (k + 10) * 12 if use_randomized(k, r) else 4 * m * n * r + 8 * r**3
+        features = num_tasks * k
+        return float(num_tasks * per_task + 2 * (m + n) * features**2 + 20 * features**3)
+
+
+@dataclasses.dataclass(frozen=True)
+class TSVM(SVDMethod):
+    """TSV-M, Task Singular Vectors Merge (Gargiulo et al., CVPR 2025)."""
+
+    name: ClassVar[str] = "tsv_m"
+    reference_url: ClassVar[str] = "https://arxiv.org/abs/2412.00081"
+
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        return F.tsv_m(task_vectors, rank=self.rank, scaling=self.scaling, solver=self.solver, weights=self.weights)
+
+    def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
+        return F.tsv_m_factors(U, s, V)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTM(SVDMethod):
+    """SFTM, Superpose Features from Task Matrix (Qiu, Wu, Yao, arXiv:2502.10698; EMNLP 2025)."""
+
+    name: ClassVar[str] = "sftm"
+    reference_url: ClassVar[str] = "https://arxiv.org/abs/2502.10698"
+    basis: Basis = "features"
+    rcond: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("basis", self.basis, ("features", "orthogonal"))
+        if self.rcond is not None:
+            check_rcond(self.rcond)
+
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        return F.sftm(
+            task_vectors,
+            rank=self.rank,
+            scaling=self.scaling,
+            basis=self.basis,
+            rcond=self.rcond,
+            solver=self.solver,
+            weights=self.weights,
+        )
+
+    def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
+        return F.sftm_factors(U, s, V, basis=self.basis, rcond=self.rcond)
+
+
+METHODS: dict[str, type[MergeMethod]] = {
+    cls.name: cls for cls in (Average, TaskArithmetic, TIES, TSVM, SFTM)
+}
+
+
+def get_method(method: str | MergeMethod, **options: Any) -> MergeMethod:
+    """A method object from its registry name and options (a method object is returned as is, options applied).
+
+    Raises:
+        ValueError: an unknown name, or an option the method does not take.
+    """
+    if isinstance(method, MergeMethod):
+        return dataclasses.replace(method, **options) if options else method
+    if method not in METHODS:
+        raise ValueError(f"Expected argument `method` to be one of {sorted(METHODS)}, but got {method!r}.")
+    cls = METHODS[method]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"Method {method!r} takes the options {sorted(known)}, but got unknown {unknown}.")
+    return cls(**options)
