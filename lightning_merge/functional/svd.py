@@ -90,12 +90,13 @@ def task_features(
 
     Returns:
         ``U`` ``(m, F)``, ``s`` ``(F,)``, ``V`` ``(n, F)`` with ``F <= T * k``, task by task. Components that are
-        numerically zero (``s <= s_max * max(m, n) * eps``, the usual numerical-rank tolerance) are dropped
-        **(choice)**: their singular vectors are arbitrary and would otherwise steer the orthogonalization of the
-        other tasks' features; for a zero task matrix nothing is kept.
+        numerically zero (``s <= s_max * sqrt(max(m, n)) * eps``; the round-off tail of an exactly rank-deficient
+        matrix measures about ``5 * eps * s_max`` with either solver) are dropped **(choice)**: their singular
+        vectors are arbitrary and would otherwise steer the orthogonalization of the other tasks' features; for a
+        zero task matrix nothing is kept. Genuine small components, noise included, are kept as METHODS.md says.
     """
     U, S, V = truncated_svd(deltas, k, solver=solver, oversample=oversample, niter=niter)
-    tol = S[:, :1] * max(deltas.shape[-2:]) * torch.finfo(S.dtype).eps
+    tol = S[:, :1] * max(deltas.shape[-2:]) ** 0.5 * torch.finfo(S.dtype).eps
     keep = (S > tol).flatten()
     T, m, n = deltas.shape
     U = U.transpose(0, 1).reshape(m, T * k)[:, keep]
@@ -116,14 +117,24 @@ def _psd_tolerance(g: Tensor, source_dtype: torch.dtype, rows: int) -> float:
     return max(10 * max(rows, g.shape[-1]) * eps**2, g.shape[-1] * torch.finfo(torch.float64).eps)
 
 
-def gram_roots(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(G^{1/2}, G^{+1/2})`` of the float64 Gram ``G = x^T x``; eigenvalues at round-off level count as zero."""
+def _gram_eigh(x: Tensor) -> tuple[Tensor, Tensor]:
+    # Eigenpairs of the float64 Gram of x, with eigenvalues at round-off level set to exactly zero.
     g = gram(x)
     lam, Q = torch.linalg.eigh(g)
-    keep = lam > _psd_tolerance(g, x.dtype, x.shape[0]) * lam[-1].clamp_min(torch.finfo(lam.dtype).tiny)
-    root = torch.where(keep, lam.clamp_min(0).sqrt(), 0.0)
-    inv_root = torch.where(keep, 1.0 / root.clamp_min(torch.finfo(lam.dtype).tiny), 0.0)
-    return (Q * root) @ Q.mT, (Q * inv_root) @ Q.mT
+    keep = lam > _psd_tolerance(g, x.dtype, x.shape[0]) * lam[-1:].clamp_min(torch.finfo(lam.dtype).tiny)
+    return torch.where(keep, lam, 0.0), Q
+
+
+def _psd_power(lam: Tensor, Q: Tensor, power: float) -> Tensor:
+    # Q diag(lam^power) Q^T on the kept eigenvalues (pseudo-inverse for negative powers).
+    scaled = torch.where(lam > 0, lam.clamp_min(torch.finfo(lam.dtype).tiny) ** power, 0.0)
+    return (Q * scaled) @ Q.mT
+
+
+def gram_roots(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(G^{1/2}, G^{+1/2})`` of the float64 Gram ``G = x^T x``; eigenvalues at round-off level count as zero."""
+    lam, Q = _gram_eigh(x)
+    return _psd_power(lam, Q, 0.5), _psd_power(lam, Q, -0.5)
 
 
 def orthogonalize(x: Tensor) -> Tensor:
@@ -139,7 +150,7 @@ def orthogonalize(x: Tensor) -> Tensor:
         >>> torch.allclose(q.T @ q, torch.eye(3, dtype=torch.float64))
         True
     """
-    return x @ gram_roots(x)[1].to(x.dtype)
+    return x @ _psd_power(*_gram_eigh(x), -0.5).to(x.dtype)
 
 
 def psd_solve(a: Tensor, b: Tensor, rcond: float | None, source_dtype: torch.dtype, rows: int) -> Tensor:

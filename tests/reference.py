@@ -1,0 +1,61 @@
+"""Naive float64 re-implementations of METHODS.md, written independently of lightning_merge (numpy, loops)."""
+
+import numpy as np
+
+
+def truncate(d, k):
+    u, s, vt = np.linalg.svd(d, full_matrices=False)
+    return u[:, :k], s[:k], vt[:k].T
+
+
+def concat_features(deltas, k):
+    parts = [truncate(d, k) for d in deltas]
+    return (np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts], 1))
+
+
+def polar_svd(x):
+    p, _, qt = np.linalg.svd(x, full_matrices=False)
+    return p @ qt
+
+
+def tsv_m(deltas, k):
+    u, s, v = concat_features(deltas, k)
+    return polar_svd(u) @ np.diag(s) @ polar_svd(v).T
+
+
+def sftm(deltas, k, basis="features"):
+    u, s, v = concat_features(deltas, k)
+    n = len(s)
+    if basis == "features":
+        bu, bv = u, v
+    else:
+        bu, bv = polar_svd(u), polar_svd(v)
+    # one constraint per feature: u_i^T M v_i = s_i with M = sum_j alpha_j bu_j bv_j^T
+    a = np.array([[(u[:, i] @ bu[:, j]) * (v[:, i] @ bv[:, j]) for j in range(n)] for i in range(n)])
+    alpha = np.linalg.lstsq(a, s, rcond=None)[0]
+    return bu @ np.diag(alpha) @ bv.T, u, s, v
+
+
+def ties(deltas, density):
+    deltas = [np.asarray(d, dtype=np.float64).ravel() for d in deltas]
+    size = deltas[0].size
+    keep = int(np.ceil(density * size))
+    trimmed = []
+    for d in deltas:
+        order = np.argsort(-np.abs(d), kind="stable")
+        t = np.zeros(size)
+        t[order[:keep]] = d[order[:keep]]
+        trimmed.append(t)
+    out = np.zeros(size)
+    for i in range(size):
+        total = sum(t[i] for t in trimmed)
+        sign = np.sign(total)
+        agreeing = [t[i] for t in trimmed if t[i] != 0 and np.sign(t[i]) == sign]
+        out[i] = sum(agreeing) / len(agreeing) if agreeing else 0.0
+    return out
+
+
+def sti(u, s, v):
+    n = len(s)
+    return np.abs((u.T @ u - np.eye(n)) @ np.diag(s) @ (v.T @ v - np.eye(n))).sum()

@@ -1,0 +1,270 @@
+"""The merge core against naive float64 references (tests/reference.py) and the properties of METHODS.md."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_merge import functional as F
+from tests import reference as ref
+
+f64 = torch.float64
+
+
+def low_rank_tasks(T, m, n, rank=6, noise=1e-3, dtype=f64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(T):
+        a = torch.randn(m, rank, generator=g, dtype=f64)
+        b = torch.randn(rank, n, generator=g, dtype=f64)
+        out.append((a @ b + noise * torch.randn(m, n, generator=g, dtype=f64)).to(dtype))
+    return out
+
+
+def trunc(d, k):
+    u, s, vh = torch.linalg.svd(d.to(f64), full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def orthogonal_tasks(T, k, m, n):
+    """T task matrices of rank k whose singular vectors are mutually orthogonal across tasks (in U and V)."""
+    qu, _ = torch.linalg.qr(torch.randn(m, T * k, dtype=f64))
+    qv, _ = torch.linalg.qr(torch.randn(n, T * k, dtype=f64))
+    s = torch.rand(T * k, dtype=f64) + 0.5
+    return [(qu[:, t * k:(t + 1) * k] * s[t * k:(t + 1) * k]) @ qv[:, t * k:(t + 1) * k].T for t in range(T)]
+
+
+def rel(a, b):
+    return float((torch.as_tensor(a, dtype=f64) - torch.as_tensor(b, dtype=f64)).norm() / torch.as_tensor(b, dtype=f64).norm())
+
+
+# ---------------------------------------------------------------------------------------------- references
+@pytest.mark.parametrize(("T", "m", "n"), [(3, 20, 12), (4, 9, 16), (2, 8, 8)])
+def test_tsv_m_matches_naive_reference(T, m, n):
+    deltas = [torch.randn(m, n, dtype=f64) for _ in range(T)]
+    k = min(m, n) // T
+    expected = ref.tsv_m([d.numpy() for d in deltas], k)
+    assert rel(F.tsv_m(deltas, solver="exact"), expected) < 1e-10
+
+
+@pytest.mark.parametrize("basis", ["features", "orthogonal"])
+@pytest.mark.parametrize(("T", "m", "n"), [(3, 20, 12), (4, 9, 16)])
+def test_sftm_matches_naive_reference(T, m, n, basis):
+    deltas = [torch.randn(m, n, dtype=f64) for _ in range(T)]
+    k = min(m, n) // T
+    expected, *_ = ref.sftm([d.numpy() for d in deltas], k, basis)
+    assert rel(F.sftm(deltas, solver="exact", basis=basis), expected) < 1e-9
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
+def test_ties_matches_naive_reference(density):
+    deltas = [torch.randn(7, 5, dtype=f64) for _ in range(4)]
+    expected = ref.ties([d.numpy() for d in deltas], density).reshape(7, 5)
+    assert np.allclose(F.ties(deltas, density=density).numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_average_and_task_arithmetic():
+    deltas = [torch.randn(5, 3, dtype=f64) for _ in range(3)]
+    total = deltas[0] + deltas[1] + deltas[2]
+    assert torch.allclose(F.average(deltas), total / 3)
+    assert torch.allclose(F.task_arithmetic(deltas, scaling=0.3), 0.3 * total)
+    assert torch.allclose(F.average(deltas, scaling=2.0, weights=[1, 0, 0]), 2 * deltas[0] / 3)
+
+
+def test_sti_matches_naive_reference():
+    u, s, v = torch.randn(10, 6, dtype=f64), torch.rand(6, dtype=f64), torch.randn(8, 6, dtype=f64)
+    assert abs(float(F.sti(u, s, v)) - ref.sti(u.numpy(), s.numpy(), v.numpy())) < 1e-9
+
+
+# ---------------------------------------------------------------------------------------------- properties
+@pytest.mark.parametrize("merge", [F.tsv_m, F.sftm])
+@pytest.mark.parametrize("rank", [None, 3, 0.5])
+def test_one_task_gives_rank_k_truncation(merge, rank):
+    d = torch.randn(12, 10, dtype=f64)
+    k = {None: 10, 3: 3, 0.5: 5}[rank]
+    assert rel(merge([d], rank=rank, solver="exact"), trunc(d, k)) < 1e-10
+
+
+@pytest.mark.parametrize("basis", ["features", "orthogonal"])
+@pytest.mark.parametrize("T", [2, 5])
+def test_identical_tasks_give_one_truncation_not_T(T, basis):
+    d = torch.randn(16, 12, dtype=f64)
+    k = 12 // T
+    assert rel(F.sftm([d] * T, solver="exact", basis=basis), trunc(d, k)) < 1e-8
+    assert rel(F.tsv_m([d] * T, solver="exact"), trunc(d, k)) < 1e-8  # minimum-norm polar factor (our choice)
+
+
+@pytest.mark.parametrize("basis", ["features", "orthogonal"])
+def test_orthogonal_tasks_give_sum_of_truncations(basis):
+    T, k = 3, 2
+    deltas = orthogonal_tasks(T, k, 20, 15)
+    expected = sum(deltas)
+    for merged in (F.tsv_m(deltas, rank=k, solver="exact"), F.sftm(deltas, rank=k, solver="exact", basis=basis)):
+        assert rel(merged, expected) < 1e-10
+    U, s, V = F.task_features(torch.stack(deltas), k, solver="exact")
+    assert float(F.sti(U, s, V)) < 1e-10
+
+
+def test_orthogonalized_bases_have_orthonormal_columns():
+    deltas = torch.stack(low_rank_tasks(4, 30, 24, noise=0.1))
+    U, s, V = F.task_features(deltas, 6, solver="exact")
+    for x in (U, V):
+        q = F.orthogonalize(x)
+        assert torch.allclose(q.T @ q, torch.eye(x.shape[1], dtype=f64), atol=1e-10)
+        assert float(F.sti(U, s, V)) > 0  # the raw bases do interfere
+
+
+@pytest.mark.parametrize("T", [2, 4])
+def test_sftm_constraint_residual_is_round_off(T):
+    deltas = [torch.randn(24, 20, dtype=f64) for _ in range(T)]
+    U, s, V = F.task_features(torch.stack(deltas), 20 // T, solver="exact")
+    merged = F.sftm(deltas, solver="exact")
+    residual = torch.einsum("mf,mn,nf->f", U, merged, V) - s
+    assert float(residual.abs().max()) < 1e-10 * float(s.max())
+
+
+def test_ties_density_one_single_task_is_task_arithmetic():
+    d = torch.randn(6, 4, dtype=f64)
+    assert torch.allclose(F.ties([d], density=1.0), F.task_arithmetic([d], scaling=1.0))
+
+
+@pytest.mark.parametrize("merge", [F.ties, F.task_arithmetic, F.average])
+def test_weights_one_minus_one_cancel(merge):
+    d = torch.randn(6, 4, dtype=f64)
+    assert torch.count_nonzero(merge([d, d], weights=[1.0, -1.0])) == 0
+
+
+def test_scaling_is_linear():
+    deltas = [torch.randn(9, 7, dtype=f64) for _ in range(3)]
+    for merge in (F.tsv_m, F.sftm, F.ties):
+        assert torch.allclose(merge(deltas, scaling=0.4), 0.4 * merge(deltas, scaling=1.0))
+
+
+def test_non_matrix_parameters_are_averaged_by_svd_methods():
+    biases = [torch.randn(7, dtype=f64) for _ in range(3)]
+    conv = [torch.randn(4, 3, 2, 2, dtype=f64) for _ in range(3)]
+    for merge in (F.tsv_m, F.sftm):
+        assert torch.allclose(merge(biases), sum(biases) / 3)
+        assert torch.allclose(merge(conv), sum(conv) / 3)
+
+
+def test_rank_smaller_than_tasks_keeps_one_component():
+    deltas = [torch.randn(3, 5, dtype=f64) for _ in range(5)]  # r = 3 < T = 5
+    merged = F.tsv_m(deltas, solver="exact")
+    assert torch.isfinite(merged).all() and merged.norm() > 0
+
+
+def test_zero_task_matrix_contributes_nothing():
+    d = torch.randn(10, 8, dtype=f64)
+    zero = torch.zeros_like(d)
+    assert rel(F.tsv_m([d, zero], solver="exact"), trunc(d, 4)) < 1e-10
+    assert rel(F.sftm([d, zero], solver="exact"), trunc(d, 4)) < 1e-10
+    assert torch.count_nonzero(F.tsv_m([zero, zero])) == 0
+
+
+def test_stacked_tensor_input_equals_sequence():
+    deltas = [torch.randn(8, 6, dtype=f64) for _ in range(2)]
+    assert torch.equal(F.tsv_m(torch.stack(deltas)), F.tsv_m(deltas))
+
+
+def test_inputs_are_not_modified():
+    deltas = [torch.randn(8, 6) for _ in range(3)]
+    copies = [d.clone() for d in deltas]
+    for merge in (F.tsv_m, F.sftm, F.ties, F.average, F.task_arithmetic):
+        merge(deltas)
+    assert all(torch.equal(a, b) for a, b in zip(deltas, copies))
+
+
+# ---------------------------------------------------------------------------------------------- solvers, dtypes
+def test_randomized_solver_agrees_with_exact_on_low_rank_plus_noise():
+    # kept rank = effective rank: the kept components are signal (see benchmarks/bench_core.py for the other case)
+    deltas = low_rank_tasks(4, 300, 200, rank=8, noise=1e-3, dtype=torch.float32)
+    for merge in (F.tsv_m, F.sftm):
+        exact = merge(deltas, rank=8, solver="exact")
+        fast = merge(deltas, rank=8, solver="randomized")
+        assert rel(fast, exact) < 1e-3
+
+
+def test_rank_deficient_tasks_drop_round_off_components_only():
+    rank_one = torch.outer(torch.randn(40), torch.randn(30))
+    U, s, V = F.task_features(torch.stack([rank_one, rank_one.T.contiguous().T * 2]), 10, solver="exact")
+    assert s.numel() == 2  # two rank-1 tasks: the other 18 singular values are round-off
+    small = torch.diag(torch.tensor([1.0, 1e-4, 0.0]))  # a genuine 1e-4 component is kept
+    assert F.task_features(small[None], 3, solver="exact")[1].numel() == 2
+
+
+def test_truncated_svd_solvers_and_determinism():
+    x = torch.stack(low_rank_tasks(3, 80, 60, rank=5, noise=0.0))
+    U, S, V = F.truncated_svd(x, 5, solver="exact")
+    assert torch.allclose(U @ torch.diag_embed(S) @ V.mT, x, atol=1e-9)
+    state = torch.get_rng_state()
+    a = F.truncated_svd(x, 5, solver="randomized")
+    b = F.truncated_svd(x, 5, solver="randomized")
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert torch.allclose(a[1], S, rtol=1e-8)
+    wide = F.truncated_svd(x.mT, 5, solver="randomized")
+    assert torch.allclose(wide[1], S, rtol=1e-8) and wide[0].shape == (3, 60, 5)
+
+
+def test_auto_solver_rule():
+    assert F.use_randomized(96, 768) and F.use_randomized(256, 2048)
+    assert not F.use_randomized(384, 768)  # T = 2: half the rank, exact
+    assert not F.use_randomized(4, 32)  # small matrices: exact
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("merge", [F.tsv_m, F.sftm, F.ties, F.average])
+def test_half_precision_computed_in_float32_returned_in_input_dtype(dtype, merge):
+    deltas = [torch.randn(16, 12).to(dtype) for _ in range(3)]
+    out = merge(deltas)
+    assert out.dtype == dtype
+    expected = merge([d.float() for d in deltas]).to(dtype)
+    assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rank": 0}, "`rank`.*got 0"),
+        ({"rank": 1.5}, "`rank`.*got 1.5"),
+        ({"rank": -0.1}, "`rank`"),
+        ({"rank": True}, "`rank`.*True"),
+        ({"solver": "lanczos"}, "`solver`.*lanczos"),
+        ({"scaling": float("nan")}, "`scaling`"),
+        ({"weights": [1.0]}, "`weights`.*one entry per task"),
+    ],
+)
+@pytest.mark.parametrize("merge", [F.tsv_m, F.sftm])
+def test_svd_merges_reject_bad_arguments(merge, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        merge([torch.randn(4, 4), torch.randn(4, 4)], **kwargs)
+
+
+@pytest.mark.parametrize("density", [0, 0.0, 1.5, -1, True])
+def test_ties_rejects_bad_density(density):
+    with pytest.raises(ValueError, match="`density`"):
+        F.ties([torch.randn(3)], density=density)
+
+
+@pytest.mark.parametrize("merge", [F.tsv_m, F.sftm, F.ties, F.average, F.task_arithmetic])
+def test_bad_task_vectors(merge):
+    with pytest.raises(ValueError, match="at least one tensor"):
+        merge([])
+    with pytest.raises(ValueError, match=r"shape \(4, 4\).*task_vectors\[1\]` has shape \(4, 3\)"):
+        merge([torch.randn(4, 4), torch.randn(4, 3)])
+    with pytest.raises(ValueError, match=r"`task_vectors\[1\]` contain NaN or Inf"):
+        merge([torch.randn(4, 4), torch.full((4, 4), float("nan"))])
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        merge([torch.tensor([[float("inf")]])])
+    with pytest.raises(TypeError, match=r"task_vectors\[0\]`.*floating-point.*torch.int64"):
+        merge([torch.ones(4, 4, dtype=torch.long)])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        merge([[1.0, 2.0]])
+
+
+def test_sftm_rejects_bad_basis_and_rcond():
+    with pytest.raises(ValueError, match="`basis`"):
+        F.sftm([torch.randn(3, 3)], basis="polar")
+    with pytest.raises(ValueError, match="`rcond`"):
+        F.sftm([torch.randn(3, 3)], rcond=2.0)
