@@ -1,4 +1,10 @@
-"""lightning-merge: fine-tune-then-merge for PyTorch Lightning (TSV-M, SFTM, TIES, task arithmetic)."""
+"""lightning-merge: fine-tune-then-merge for PyTorch Lightning (TSV-M, SFTM, TIES, task arithmetic).
+
+The merge core (:mod:`lightning_merge.functional`, :mod:`lightning_merge.methods`) imports only torch; the
+Lightning pieces (``MergeCallback``, ``MergedEvalLoop``) are imported on first use.
+"""
+
+from typing import Any
 
 from lightning_merge.methods import (
     METHODS,
@@ -13,14 +19,40 @@ from lightning_merge.methods import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "MergeCallback": "lightning_merge.callbacks",
+    "MergedEvalLoop": "lightning_merge.evaluation",
+    "MergeReport": "lightning_merge.evaluation",
+    "EvalResult": "lightning_merge.evaluation",
+    "search_scaling": "lightning_merge.evaluation",
+    "merge_checkpoints": "lightning_merge.engine",
+    "open_source": "lightning_merge.io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_merge' has no attribute {name!r}")
+
+
 __all__ = [
     "METHODS",
     "SFTM",
     "TIES",
     "TSVM",
     "Average",
+    "EvalResult",
+    "MergeCallback",
+    "MergeReport",
+    "MergedEvalLoop",
     "MergeMethod",
     "TaskArithmetic",
     "__version__",
     "get_method",
+    "merge_checkpoints",
+    "open_source",
+    "search_scaling",
 ]

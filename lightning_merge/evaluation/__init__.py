@@ -1,0 +1,26 @@
+"""Evaluation of merged models: per-task scores, reference rows, the scaling search and the report.
+
+Data flows one way: the merge core gives ``M`` per key; this package applies ``W0 + lam * M``, scores it on
+every task with the task's own head and reports ``{task: {metric: value}}`` per model.
+"""
+
+from lightning_merge.evaluation._data import Forward, ShardSampler, default_forward
+from lightning_merge.evaluation.loop import MergedEvalLoop
+from lightning_merge.evaluation.metrics import Accuracy, MetricFactory
+from lightning_merge.evaluation.report import EvalResult, MergeReport
+from lightning_merge.evaluation.search import DEFAULT_GRID, ScalingSearch, apply_scaling, search_scaling
+
+__all__ = [
+    "DEFAULT_GRID",
+    "Accuracy",
+    "EvalResult",
+    "Forward",
+    "MergeReport",
+    "MergedEvalLoop",
+    "MetricFactory",
+    "ScalingSearch",
+    "ShardSampler",
+    "apply_scaling",
+    "default_forward",
+    "search_scaling",
+]

@@ -1,0 +1,327 @@
+"""MergedEvalLoop: score a merged model on every task with that task's own head, next to reference models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
+from torch import Tensor, nn
+
+from lightning_merge.evaluation._data import Forward, check_batch, check_output, default_forward, shard
+from lightning_merge.evaluation.metrics import (
+    Accuracy,
+    MetricFactory,
+    build_metrics,
+    compute_scores,
+    task_factories,
+)
+from lightning_merge.evaluation.report import FINETUNED, PRETRAINED, EvalResult, MergeReport
+from lightning_merge.evaluation.search import (
+    DEFAULT_GRID,
+    apply_scaling,
+    check_grid,
+    scaling_targets,
+    search_scaling,
+)
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+State = Mapping[str, Tensor]
+
+
+def _check_dataloaders(dataloaders: Mapping[str, Iterable], name: str = "dataloaders") -> dict[str, Iterable]:
+    named = isinstance(dataloaders, Mapping) and all(isinstance(t, str) for t in dataloaders)
+    if not (named and dataloaders):
+        raise TypeError(
+            f"Expected argument `{name}` to be a non-empty {{task: dataloader}} mapping, but got"
+            f" {dataloaders!r}."
+        )
+    return dict(dataloaders)
+
+
+def _check_states(states: Mapping[str, State] | None, tasks: list[str], name: str) -> dict[str, State] | None:
+    if states is None:
+        return None
+    for task in tasks:
+        if task not in states:
+            raise ValueError(
+                f"Expected argument `{name}` to hold an entry for every task, but task {task!r} has none."
+            )
+        if not isinstance(states[task], Mapping):
+            raise TypeError(
+                f"Expected `{name}[{task!r}]` to be a state dict, but got {type(states[task]).__name__}."
+            )
+    return {task: states[task] for task in tasks}
+
+
+def load_state(model: nn.Module, state: State, what: str) -> None:
+    """Copy ``state`` into the model's parameters and buffers in place (``what`` names the state in errors).
+
+    Raises:
+        ValueError: a key the model does not have, or a tensor of another shape.
+    """
+    known = model.state_dict(keep_vars=True)
+    for key, value in state.items():
+        if key not in known:
+            raise ValueError(
+                f"Expected every key of `{what}` to name a parameter of the model, but got {key!r}."
+            )
+        if tuple(value.shape) != tuple(known[key].shape):
+            raise ValueError(
+                f"Expected `{what}[{key!r}]` to have the model's shape {tuple(known[key].shape)}, but got"
+                f" {tuple(value.shape)}."
+            )
+    with torch.no_grad():
+        for key, value in state.items():
+            known[key].copy_(value)
+
+
+@contextmanager
+def _scoring(model: nn.Module, keys: set[str]) -> Iterator[None]:
+    """Eval mode without gradients; restores the training flag and the values of ``keys`` (heads) on exit."""
+    state = model.state_dict(keep_vars=True)
+    saved = {key: state[key].detach().clone() for key in keys}
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+        load_state(model, saved, "heads")
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+class MergedEvalLoop:
+    r"""Score a model on every task: each task's data runs through the shared body and the task's own head.
+
+    For task ``t`` the loop loads ``heads[t]`` into the model, runs
+    ``forward(model, batch) -> (preds, target)`` over ``dataloaders[t]`` in eval mode without gradients,
+    updates a fresh metric per batch and computes it once: ``scores[t][metric]``, with
+    ``mean[metric] = (1/T) sum_t scores[t][metric]``. The heads' previous values and the training flag are
+    restored afterwards. A plain class, not a Lightning loop (those are no extension point).
+
+    Under a distributed ``trainer`` (``world_size > 1``) each rank scores its shard of every ``DataLoader``:
+    the loader is rebuilt on a sampler that takes every ``world_size``-th sample and, unlike
+    ``DistributedSampler``, pads nothing; torchmetrics sums the states across ranks in ``compute``, so
+    count-based metrics equal a single-process run exactly. Loaders that already use a ``DistributedSampler``
+    are used as they are (it pads uneven shards with repeated samples). Every rank must call the loop in the
+    same order.
+
+    Args:
+        dataloaders: ``{task: dataloader}``.
+        heads: ``{task: {parameter name: tensor}}``, the task-specific parameters with their full
+            ``state_dict`` names (``"head.weight"``); ``None`` when the model has none.
+        metrics: a factory of a torchmetrics ``Metric`` or ``MetricCollection`` (or ``{task: factory}``);
+            picklable (a class or ``functools.partial``, not a lambda) for ``ddp_spawn``. Default: top-1
+            :class:`Accuracy`.
+        forward: ``forward(model, batch) -> (preds, target)``; the default takes batches ``(inputs, target)``.
+            Batches are moved to the model's device first.
+        trainer: shards the data, reduces, and receives ``merged/<task>/<metric>`` through its loggers.
+        metric: the primary metric (scaling search, normalized scores, table); default: the first one.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> model = nn.Sequential(nn.Identity(), nn.Linear(2, 2))  # body "0", head "1"
+        >>> heads = {"keep": {"1.weight": torch.eye(2), "1.bias": torch.zeros(2)},
+        ...          "swap": {"1.weight": torch.eye(2).flip(0), "1.bias": torch.zeros(2)}}
+        >>> data = TensorDataset(torch.eye(2), torch.tensor([0, 1]))
+        >>> loop = MergedEvalLoop({task: DataLoader(data, batch_size=2) for task in heads}, heads)
+        >>> result = loop.run(model)
+        >>> result.scores, result.mean
+        ({'keep': {'accuracy': 1.0}, 'swap': {'accuracy': 0.0}}, {'accuracy': 0.5})
+    """
+
+    def __init__(
+        self,
+        dataloaders: Mapping[str, Iterable],
+        heads: Mapping[str, State] | None = None,
+        metrics: MetricFactory | Mapping[str, MetricFactory] = Accuracy,
+        forward: Forward = default_forward,
+        trainer: pl.Trainer | None = None,
+        metric: str | None = None,
+    ) -> None:
+        self.dataloaders = _check_dataloaders(dataloaders)
+        self.tasks = list(self.dataloaders)
+        self.heads = _check_states(heads, self.tasks, "heads")
+        self.metrics = metrics
+        self.factories = task_factories(metrics, self.tasks)
+        if not callable(forward):
+            raise TypeError(f"Expected argument `forward` to be callable, but got {type(forward).__name__}.")
+        self.forward = forward
+        self.trainer = trainer
+        self.metric, self.higher_is_better = self._primary_metric(metric)
+
+    def _primary_metric(self, metric: str | None) -> tuple[str, bool]:
+        collections = {task: build_metrics(factory, task) for task, factory in self.factories.items()}
+        name = metric or next(iter(collections[self.tasks[0]]))
+        for task, collection in collections.items():
+            if name not in collection:
+                raise ValueError(
+                    f"Expected argument `metric` to name a metric of every task, but task {task!r} has"
+                    f" {list(collection)}, not {name!r}."
+                )
+        return name, getattr(collections[self.tasks[0]][name], "higher_is_better", True) is not False
+
+    def with_dataloaders(self, dataloaders: Mapping[str, Iterable]) -> MergedEvalLoop:
+        """The same loop (heads, metrics, forward, trainer) on other dataloaders, e.g. the validation ones."""
+        loop = MergedEvalLoop(dataloaders, self.heads, self.metrics, self.forward, self.trainer, self.metric)
+        if loop.tasks != self.tasks:
+            raise ValueError(f"Expected dataloaders for the tasks {self.tasks}, but got {loop.tasks}.")
+        return loop
+
+    def run(self, model: nn.Module, prefix: str = "merged", log: bool = True) -> EvalResult:
+        """Score ``model`` on every task with its head; log ``<prefix>/<task>/<metric>`` and the means."""
+        result = EvalResult(self._scores(model, self.tasks))
+        if log:
+            self._log(prefix, result)
+        return result
+
+    def _scores(self, model: nn.Module, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+        head_keys = set().union(*(self.heads[t] for t in tasks)) if self.heads else set()
+        self._check_heads(model, tasks)
+        with _scoring(model, head_keys):
+            return {task: self._score_task(model, task) for task in tasks}
+
+    def _check_heads(self, model: nn.Module, tasks: Sequence[str]) -> None:
+        known = model.state_dict(keep_vars=True)
+        for task in tasks:
+            unknown = [key for key in (self.heads or {}).get(task, {}) if key not in known]
+            if unknown:
+                raise ValueError(
+                    f"Expected every key of `heads[{task!r}]` to name a parameter of the model, but got"
+                    f" {unknown[0]!r}."
+                )
+
+    def _score_task(self, model: nn.Module, task: str) -> dict[str, float]:
+        if self.heads is not None:
+            load_state(model, self.heads[task], f"heads[{task!r}]")
+        device = _device(model)
+        collection = build_metrics(self.factories[task], task).to(device)
+        num_batches = 0
+        for batch in self._loader(task):
+            collection.update(*self._predict(model, task, move_data_to_device(batch, device)))
+            num_batches += 1
+        self._check_not_empty(task, num_batches, device)
+        return compute_scores(collection, task)
+
+    def _predict(self, model: nn.Module, task: str, batch: Any) -> tuple[Tensor, Tensor]:
+        if self.forward is default_forward:
+            check_batch(batch, task)
+        return check_output(self.forward(model, batch), task)
+
+    def _loader(self, task: str) -> Iterable:
+        kwargs = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) if self.trainer else None
+        if not kwargs:
+            return self.dataloaders[task]
+        return shard(self.dataloaders[task], kwargs["num_replicas"], kwargs["rank"], task)
+
+    def _check_not_empty(self, task: str, num_batches: int, device: torch.device) -> None:
+        total = torch.tensor(float(num_batches), device=device)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            total = self.trainer.strategy.reduce(total, reduce_op="sum")
+        if total.item() == 0:
+            raise ValueError(
+                f"Expected the dataloader of task {task!r} to yield at least one batch, but it is empty."
+            )
+
+    def _log(self, prefix: str, result: EvalResult) -> None:
+        metrics = {f"{prefix}/{t}/{m}": v for t, scores in result.scores.items() for m, v in scores.items()}
+        self._log_values({**metrics, **{f"{prefix}/mean/{m}": v for m, v in result.mean.items()}})
+
+    def _log_values(self, metrics: dict[str, float]) -> None:
+        if self.trainer is None:
+            return
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    def compare(
+        self,
+        model: nn.Module,
+        base: State,
+        deltas: Mapping[str, State] | None = None,
+        finetuned: Mapping[str, State] | None = None,
+        val_dataloaders: Mapping[str, Iterable] | None = None,
+        grid: Sequence[float] = DEFAULT_GRID,
+        verbose: bool = True,
+    ) -> MergeReport:
+        """Score the pre-trained model, each task's own fine-tuned model and every method's merge.
+
+        Rows: ``"pretrained"`` (``base`` loaded, with each task's head), ``"finetuned"`` (task ``t`` scored
+        with ``finetuned[t]`` and its head) and one per method ``name``: ``W0 + lam * deltas[name]`` at the
+        ``lam`` of ``grid`` with the best mean score on ``val_dataloaders`` (:func:`search_scaling`; on this
+        loop's own dataloaders when none are given, which flatters the merge). The model is left at the best
+        method's chosen ``lam`` (at ``base`` when ``deltas`` is empty). The table is logged on rank zero when
+        ``verbose``.
+
+        Args:
+            model: the model to load the states into; its heads are restored afterwards.
+            base: ``W0`` of the merged keys.
+            deltas: ``{method name: M}``, each merged task matrix computed once with scaling 1, for the keys
+                of ``base``.
+            finetuned: ``{task: state}`` of each task's fine-tuned model, keys within those of ``base`` and
+                the task's head.
+            val_dataloaders: ``{task: dataloader}`` for the scaling search.
+            grid: the values of ``lam`` to try.
+            verbose: log the table with ``rank_zero_info``.
+        """
+        deltas, grid = dict(deltas or {}), check_grid(grid)
+        for name, delta in deltas.items():
+            scaling_targets(model, base, delta, f"deltas[{name!r}]")
+        own = self._check_finetuned(base, finetuned)
+        searcher = self if val_dataloaders is None else self.with_dataloaders(val_dataloaders)
+        rows = {PRETRAINED: self._score_state(model, base), **self._score_finetuned(model, own)}
+        scaling, curves = {}, {}
+        for name, delta in deltas.items():
+            scaling[name], curves[name] = search_scaling(searcher, model, base, delta, grid)
+            rows[name] = self.run(model, prefix=f"merged/{name}")
+            self._log_values({f"merged/{name}/scaling": scaling[name]})
+        report = MergeReport(self.metric, rows, scaling, curves, self.higher_is_better)
+        self._leave_at_best(model, base, deltas, report)
+        if verbose:
+            rank_zero_info(f"Merge report:\n{report.to_table()}")
+        return report
+
+    def _score_state(self, model: nn.Module, base: State) -> EvalResult:
+        load_state(model, base, "base")
+        return self.run(model, prefix=PRETRAINED)
+
+    def _score_finetuned(self, model: nn.Module, finetuned: dict[str, State] | None) -> dict[str, EvalResult]:
+        if finetuned is None:
+            return {}
+        scores = {}
+        for task in self.tasks:
+            load_state(model, finetuned[task], f"finetuned[{task!r}]")
+            scores.update(self._scores(model, [task]))
+        result = EvalResult(scores)
+        self._log(FINETUNED, result)
+        return {FINETUNED: result}
+
+    def _check_finetuned(self, base: State, finetuned: Mapping[str, State] | None) -> dict[str, State] | None:
+        states = _check_states(finetuned, self.tasks, "finetuned")
+        for task, state in (states or {}).items():
+            self._check_finetuned_keys(base, state, task)
+        return states
+
+    def _check_finetuned_keys(self, base: State, state: State, task: str) -> None:
+        extra = sorted(set(state) - set(base) - set((self.heads or {}).get(task, {})))
+        if extra:
+            raise ValueError(
+                f"Expected the keys of `finetuned[{task!r}]` to be merged keys (those of `base`) or the"
+                f" task's head, but got {extra[:5]}. HINT: pass task-specific parameters in `heads`."
+            )
+
+    def _leave_at_best(
+        self, model: nn.Module, base: State, deltas: dict[str, State], report: MergeReport
+    ) -> None:
+        if report.best is None:
+            load_state(model, base, "base")
+        else:
+            apply_scaling(model, base, deltas[report.best], report.scaling[report.best])
