@@ -73,9 +73,21 @@ class MergeMethod(ABC):
         """
         if not isinstance(base, Tensor):
             raise TypeError(f"Expected argument `base` to be a torch.Tensor, but got {type(base).__name__}.")
+        finetuned = list(finetuned)
+        for t, f in enumerate(finetuned):
+            if not isinstance(f, Tensor) or f.shape != base.shape:
+                raise ValueError(
+                    f"Expected `finetuned[{t}]` to be a tensor of the base's shape {tuple(base.shape)}, but got"
+                    f" {tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__}."
+                )
+        if not finetuned:
+            raise ValueError("Expected argument `finetuned` to hold at least one tensor, but got an empty sequence.")
         cdt = compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
-        deltas = [f.to(cdt) - base.to(cdt) if isinstance(f, Tensor) else f for f in finetuned]
-        return (base.to(cdt) + self.merge(deltas)).to(base.dtype)
+        w0 = base.to(cdt)
+        deltas = torch.empty((len(finetuned), *base.shape), dtype=cdt, device=base.device)
+        for t, f in enumerate(finetuned):  # one buffer: each difference is written in place, no list then stack
+            torch.sub(f.to(cdt), w0, out=deltas[t])
+        return (w0 + self.merge(deltas)).to(base.dtype)
 
     def cost(self, shape: Sequence[int], num_tasks: int) -> float:
         """Estimated floating-point operations to merge one parameter (used to balance work across ranks)."""

@@ -19,37 +19,60 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def stack_task_vectors(task_vectors: Sequence[Tensor] | Tensor, weights: Sequence[float] | None = None) -> Tensor:
     """Validate the task vectors and stack them as ``(T, *shape)`` in the compute dtype, times ``weights``.
 
+    A stacked ``(T, *shape)`` tensor already in the compute dtype is used as is (no copy); the input is never
+    modified.
+
     Raises:
         ValueError: empty input, mismatched shapes, non-finite values, or ``weights`` of the wrong length.
         TypeError: a non-tensor or a non-floating-point tensor.
     """
     if isinstance(task_vectors, Tensor):
-        task_vectors = list(task_vectors.unbind(0)) if task_vectors.ndim > 0 else [task_vectors]
-    task_vectors = list(task_vectors)
-    if not task_vectors:
-        raise ValueError("Expected argument `task_vectors` to hold at least one tensor, but got an empty sequence.")
-    first = task_vectors[0]
-    for t, tv in enumerate(task_vectors):
-        if not isinstance(tv, Tensor):
-            raise TypeError(f"Expected argument `task_vectors[{t}]` to be a torch.Tensor, but got {type(tv).__name__}.")
-        if not tv.is_floating_point():
-            raise TypeError(
-                f"Expected argument `task_vectors[{t}]` to be a floating-point tensor, but got dtype {tv.dtype}."
-            )
-        if tv.shape != first.shape:
-            raise ValueError(
-                f"Expected every task vector to have shape {tuple(first.shape)} like `task_vectors[0]`, but"
-                f" `task_vectors[{t}]` has shape {tuple(tv.shape)}."
-            )
-    stacked = torch.stack(task_vectors).to(compute_dtype(first.dtype))
-    if not torch.isfinite(stacked).all():
-        bad = [t for t in range(len(task_vectors)) if not torch.isfinite(stacked[t]).all()]
-        raise ValueError(f"Expected finite task vectors, but `task_vectors{bad}` contain NaN or Inf.")
+        _check_tensor(task_vectors, "task_vectors")
+        if task_vectors.ndim == 0 or task_vectors.shape[0] == 0:
+            raise ValueError("Expected argument `task_vectors` to hold at least one tensor, but got an empty stack.")
+        stacked = task_vectors.to(compute_dtype(task_vectors.dtype))
+    else:
+        stacked = _stack(list(task_vectors))
+    _check_finite(stacked)
     if weights is not None:
-        check_weights(weights, len(task_vectors))
+        check_weights(weights, stacked.shape[0])
         w = torch.tensor(list(weights), dtype=stacked.dtype, device=stacked.device)
         stacked = stacked * w.view(-1, *([1] * (stacked.ndim - 1)))
     return stacked
+
+
+def _check_tensor(tv: object, name: str) -> None:
+    if not isinstance(tv, Tensor):
+        raise TypeError(f"Expected argument `{name}` to be a torch.Tensor, but got {type(tv).__name__}.")
+    if not tv.is_floating_point():
+        raise TypeError(f"Expected argument `{name}` to be a floating-point tensor, but got dtype {tv.dtype}.")
+
+
+def _stack(task_vectors: list[Tensor]) -> Tensor:
+    if not task_vectors:
+        raise ValueError("Expected argument `task_vectors` to hold at least one tensor, but got an empty sequence.")
+    for t, tv in enumerate(task_vectors):
+        _check_tensor(tv, f"task_vectors[{t}]")
+        if tv.shape != task_vectors[0].shape:
+            raise ValueError(
+                f"Expected every task vector to have shape {tuple(task_vectors[0].shape)} like `task_vectors[0]`,"
+                f" but `task_vectors[{t}]` has shape {tuple(tv.shape)}."
+            )
+    first = task_vectors[0]
+    out = torch.empty((len(task_vectors), *first.shape), dtype=compute_dtype(first.dtype), device=first.device)
+    for t, tv in enumerate(task_vectors):
+        out[t].copy_(tv)
+    return out
+
+
+def _check_finite(stacked: Tensor) -> None:
+    # One reduction instead of a full-size boolean mask: a NaN or Inf anywhere makes the sum non-finite. Only then
+    # (or on an overflowing sum of finite values) is the exact per-task check run, for the message.
+    if torch.isfinite(stacked.sum()):
+        return
+    bad = [t for t in range(stacked.shape[0]) if not torch.isfinite(stacked[t]).all()]
+    if bad:
+        raise ValueError(f"Expected finite task vectors, but `task_vectors{bad}` contain NaN or Inf.")
 
 
 def check_weights(weights: Sequence[float] | None, num_tasks: int | None = None) -> None:
