@@ -1,0 +1,230 @@
+"""Benchmark of the streaming merge engine against loading every task vector at once, and the I/O floor.
+
+Synthetic fine-tunes with ViT-B/32 image-encoder shapes (12 blocks, width 768, MLP 3072, attention in-proj
+2304x768, biases and norms, patch embedding, projection) are written as safetensors; then each variant runs
+in a fresh subprocess that reports its wall time and peak resident memory (``VmHWM``):
+
+- ``engine_tsv_m`` / ``engine_task_arithmetic``: :func:`lightning_merge.engine.merge_checkpoints` to a folder
+  (including the sha256 of every input, the record and the streamed safetensors output);
+- ``naive_tsv_m`` / ``naive_task_arithmetic``: the straightforward approach: ``safetensors.torch.load_file``
+  every checkpoint, build all ``T`` task-vector dicts, merge in memory with the same method object,
+  ``save_file``. Its ``core`` column is the merge time alone, on tensors already in memory;
+- ``io_floor``: read every tensor of every input once through the same sources, nothing else;
+- ``import``: the interpreter with torch and lightning_merge imported (the memory floor).
+
+Inputs are read from the page cache (they were just written), the same for every variant.
+
+Run:
+    python benchmarks/bench_engine.py                     # 8 tasks, 12 blocks, 3 repeats
+    python benchmarks/bench_engine.py --blocks 4 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WIDTH, MLP, OUT_DIM, PATCH, TOKENS = 768, 3072, 512, 32, 50
+VARIANTS = ("import", "io_floor", "engine_task_arithmetic", "naive_task_arithmetic", "engine_tsv_m", "naive_tsv_m")
+
+
+def vit_b32_state(blocks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A random state dict with the shapes of the CLIP ViT-B/32 image encoder."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "conv1.weight": (WIDTH, 3, PATCH, PATCH),
+        "class_embedding": (WIDTH,),
+        "positional_embedding": (TOKENS, WIDTH),
+        "ln_pre.weight": (WIDTH,),
+        "ln_pre.bias": (WIDTH,),
+    }
+    for i in range(blocks):
+        p = f"transformer.resblocks.{i}."
+        shapes |= {
+            p + "ln_1.weight": (WIDTH,), p + "ln_1.bias": (WIDTH,),
+            p + "attn.in_proj_weight": (3 * WIDTH, WIDTH), p + "attn.in_proj_bias": (3 * WIDTH,),
+            p + "attn.out_proj.weight": (WIDTH, WIDTH), p + "attn.out_proj.bias": (WIDTH,),
+            p + "ln_2.weight": (WIDTH,), p + "ln_2.bias": (WIDTH,),
+            p + "mlp.c_fc.weight": (MLP, WIDTH), p + "mlp.c_fc.bias": (MLP,),
+            p + "mlp.c_proj.weight": (WIDTH, MLP), p + "mlp.c_proj.bias": (WIDTH,),
+        }
+    shapes |= {"ln_post.weight": (WIDTH,), "ln_post.bias": (WIDTH,), "proj": (WIDTH, OUT_DIM)}
+    return {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
+
+
+def make_inputs(folder: Path, tasks: int, blocks: int) -> tuple[Path, list[Path]]:
+    """Write the base and ``tasks`` fine-tunes (base plus a random perturbation) as safetensors."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = vit_b32_state(blocks, g)
+    save_file(base, str(folder / "base.safetensors"))
+    paths = []
+    for t in range(tasks):
+        path = folder / f"task{t}.safetensors"
+        save_file({k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(path))
+        paths.append(path)
+    return folder / "base.safetensors", paths
+
+
+# ------------------------------------------------------------------------------------------ child side
+
+
+def _io_floor(base: Path, tasks: list[Path]) -> dict[str, float]:
+    from lightning_merge.io import open_source
+
+    total = 0
+    for path in [base, *tasks]:
+        source = open_source(path)
+        for key in source.keys():
+            total += source.get_tensor(key).numel()
+    return {"numel": float(total)}
+
+
+def _engine(method_name: str, base: Path, tasks: list[Path], out: Path) -> dict[str, float]:
+    from lightning_merge.engine import merge_checkpoints
+
+    merge_checkpoints(method_name, base, tasks, out, overwrite=True, progress=False)
+    return {}
+
+
+def _naive(method_name: str, base: Path, tasks: list[Path], out: Path) -> dict[str, float]:
+    from safetensors.torch import load_file, save_file
+
+    from lightning_merge.methods import get_method
+
+    method = get_method(method_name)
+    W0 = load_file(str(base))
+    task_vectors = [{k: v - W0[k] for k, v in load_file(str(p)).items()} for p in tasks]
+    start = time.perf_counter()
+    merged = {k: (W0[k] + method.merge([tv[k] for tv in task_vectors])).contiguous() for k in W0}
+    core = time.perf_counter() - start
+    out.mkdir(exist_ok=True)
+    save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return {"core_s": core}
+
+
+def run_child(variant: str, base: Path, tasks: list[Path], out: Path) -> None:
+    import lightning_merge  # noqa: F401 - part of every variant, measured alone by "import"
+
+    start = time.perf_counter()
+    extra: dict[str, float] = {}
+    if variant == "io_floor":
+        extra = _io_floor(base, tasks)
+    elif variant.startswith("engine_"):
+        extra = _engine(variant.removeprefix("engine_"), base, tasks, out)
+    elif variant.startswith("naive_"):
+        extra = _naive(variant.removeprefix("naive_"), base, tasks, out)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"variant": variant, "seconds": seconds, "peak_mib": peak_resident_mib(), **extra}))
+
+
+def peak_resident_mib() -> float:
+    """Peak resident memory of this process: ``VmHWM``, which (unlike ``ru_maxrss``) is not inherited across
+    exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # pragma: no cover - not Linux
+
+
+# ----------------------------------------------------------------------------------------- parent side
+
+
+def measure(variant: str, folder: Path, base: Path, tasks: list[Path]) -> dict[str, float]:
+    out = folder / f"out-{variant}"
+    argv = [sys.executable, __file__, "--child", variant, "--workdir", str(folder), "--tasks", str(len(tasks))]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    shutil.rmtree(out, ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"variant {variant} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict[str, float]], field: str) -> float:
+    values = [r[field] for r in runs if field in r]
+    return statistics.median(values) if values else float("nan")
+
+
+def report(results: dict[str, list[dict[str, float]]], input_bytes: int) -> None:
+    floor = _median(results["io_floor"], "seconds")
+    naive_peak = max(_median(runs, "peak_mib") for v, runs in results.items() if v.startswith("naive_"))
+    print(
+        f"\ninputs: {input_bytes / 2**30:.2f} GiB on disk; medians over {len(results['io_floor'])} run(s)\n"
+    )
+    print(f"{'variant':<24}{'time s':>9}{'core s':>9}{'x I/O floor':>13}{'peak MiB':>10}{'x naive peak':>14}")
+    for variant, runs in results.items():
+        t, core, peak = (_median(runs, f) for f in ("seconds", "core_s", "peak_mib"))
+        core_txt = f"{core:9.2f}" if core == core else f"{'-':>9}"
+        print(f"{variant:<24}{t:9.2f}{core_txt}{t / floor:13.2f}{peak:10.0f}{peak / naive_peak:14.2f}")
+    print()
+    for text, ok in check_targets(results, floor, naive_peak):
+        print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+
+
+def check_targets(
+    results: dict[str,
+    list[dict[str, float]]],
+    floor: float,
+    naive_peak: float,
+) -> list[tuple[str, bool]]:
+    def med(variant: str, field: str = "seconds") -> float:
+        return _median(results[variant], field) if variant in results else float("nan")
+
+    engine_peak = max(med(v, "peak_mib") for v in results if v.startswith("engine_"))
+    checks = [
+        (f"engine peak {engine_peak:.0f} MiB <= naive peak / 4 = {naive_peak / 4:.0f} MiB", engine_peak <= naive_peak / 4),
+        (f"engine peak {engine_peak:.0f} MiB < 1024 MiB", engine_peak < 1024),
+    ]
+    if "engine_task_arithmetic" in results:
+        ta, core = med("engine_task_arithmetic"), med("naive_task_arithmetic", "core_s")
+        checks.append((f"engine task arithmetic {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s", ta <= 2 * floor))
+        checks.append((f"engine task arithmetic {ta:.2f} s <= core in memory + 2 x I/O floor = {core + 2 * floor:.2f} s",
+                       ta <= core + 2 * floor))
+    if "engine_tsv_m" in results:
+        tsv, core = med("engine_tsv_m"), med("naive_tsv_m", "core_s")
+        checks.append((f"engine TSV-M {tsv:.2f} s <= core in memory + I/O floor = {core + floor:.2f} s", tsv <= core + floor))
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=8, help="number of fine-tuned checkpoints (default 8)")
+    parser.add_argument("--blocks", type=int, default=12, help="transformer blocks (default 12, as ViT-B/32)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant; medians are reported (default 3)")
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "tsv_m"], choices=["task_arithmetic", "tsv_m"],
+                        help="merge methods to time, through the engine and naively (default: both)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where inputs are written (default: a temp dir)")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        tasks = [args.workdir / f"task{t}.safetensors" for t in range(args.tasks)]
+        return run_child(args.child, args.workdir / "base.safetensors", tasks, args.workdir / f"out-{args.child}")
+    folder = Path(tempfile.mkdtemp(prefix="bench_engine_", dir=args.workdir))
+    try:
+        base, tasks = make_inputs(folder, args.tasks, args.blocks)
+        input_bytes = sum(p.stat().st_size for p in [base, *tasks])
+        wanted = ("import", "io_floor", *(f"{kind}_{m}" for m in args.methods for kind in ("engine", "naive")))
+        results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS if v in wanted}
+        for repeat in range(args.repeats):
+            for variant in results:
+                results[variant].append(measure(variant, folder, base, tasks))
+                print(f"repeat {repeat + 1}/{args.repeats} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
+        report(results, input_bytes)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

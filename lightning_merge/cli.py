@@ -1,0 +1,301 @@
+"""The ``lightning-merge`` command: merge checkpoints on disk with any registered method.
+
+Usage::
+
+    lightning-merge --base B --finetuned F1 F2 F3 --method tsv_m --rank 0.125 --exclude 'head.*' --output OUT
+    lightning-merge --config merge.yaml [--overwrite ...]
+
+A YAML config holds the same arguments under the same names (``finetuned: [F1, F2]``, ``max_shard_size: 2GB``,
+``strict: false``); they are parsed exactly like the flags, and flags given on the command line override them.
+The method options (``--rank``, ``--density``, ...) are derived from the method classes' fields. Bad input
+ends with ``lightning-merge: error: <reason>`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import re
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from lightning_merge.engine import DTYPES, merge_checkpoints
+from lightning_merge.methods import METHODS, get_method
+
+__all__ = ["build_parser", "main"]
+
+PROG = "lightning-merge"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ------------------------------------------------------------------------------------ value parsers
+
+
+def _none_or(parse: Any) -> Any:
+    def parser(text: str) -> Any:
+        return None if text.strip().lower() in ("none", "null", "~") else parse(text)
+
+    parser.__name__ = getattr(parse, "__name__", "value")
+    return parser
+
+
+def _number(text: str) -> int | float:
+    """An int when written as one (``8``), else a float (``0.125``)."""
+    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else float(text)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"5GB"``, ``"500MiB"`` or ``"1048576"``.
+
+    Example:
+        >>> parse_size("2GiB"), parse_size("1.5 MB"), parse_size("100")
+        (2147483648, 1500000, 100)
+    """
+    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MiB or 1048576, but got {text!r}")
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive size, but got {text!r}")
+    return size
+
+
+# ------------------------------------------------------------------------ method options from fields
+
+
+def _method_fields() -> dict[str, list[tuple[str, Any, Any]]]:
+    """``{option: [(method name, type hint, default), ...]}`` over every registered method's dataclass
+    fields."""
+    options: dict[str, list[tuple[str, Any, Any]]] = {}
+    for name, cls in METHODS.items():
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            options.setdefault(field.name, []).append((name, hints[field.name], field.default))
+    return options
+
+
+def _argument_for(hint: Any) -> dict[str, Any]:
+    """argparse keywords (``type``, ``choices``, ``nargs``) for a field's type hint."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        return {"choices": list(args), "metavar": "{" + ",".join(map(str, args)) + "}"}
+    if typing.get_origin(hint) is tuple or any(typing.get_origin(a) is tuple for a in args):
+        return {"type": float, "nargs": "+", "metavar": "W"}
+    if set(args) == {int, float}:
+        return {"type": _none_or(_number) if optional else _number, "metavar": "N"}
+    base = args[0] if args else hint
+    literal = typing.get_origin(base) is typing.Literal
+    if literal:
+        choices = typing.get_args(base)
+        return {"choices": list(choices), "metavar": "{" + ",".join(choices) + "}"}
+    return {"type": _none_or(base) if optional else base, "metavar": base.__name__.upper()}
+
+
+_OPTION_DOCS = {
+    "scaling": "the coefficient lam of W = W0 + lam * M",
+    "weights": "one weight per fine-tuned checkpoint, multiplying its task vector",
+    "density": "fraction of each task vector kept by magnitude (TIES trim)",
+    "rank": "singular components kept per task: an int, a fraction of min(m, n) such as 0.125, or none for"
+    " min(m, n) // T",
+    "solver": "SVD solver",
+    "basis": "SFTM bases: features (the paper) or orthogonal (TSV-M's orthogonalized bases)",
+    "rcond": "relative cut-off of the minimum-norm least-squares solve, or none for the default",
+}
+
+
+def _option_help(option: str, entries: list[tuple[str, Any, Any]]) -> str:
+    if len(entries) == len(METHODS) and len({repr(d) for _, _, d in entries}) == 1:
+        where = f"every method; default {entries[0][2]!r}"
+    else:
+        where = "; ".join(f"{name}: default {default!r}" for name, _, default in entries)
+    return f"{_OPTION_DOCS.get(option, option)} [{where}]".replace("%", "%%")
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (from the method classes; see lightning_merge.methods)")
+    for option, entries in _method_fields().items():
+        group.add_argument(f"--{option.replace('_', '-')}", dest=option, default=argparse.SUPPRESS,
+                           help=_option_help(option, entries), **_argument_for(entries[0][1]))
+
+
+# ---------------------------------------------------------------------------------------- the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``lightning-merge`` argument parser (every option documented in ``--help``)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Merge fine-tuned checkpoints into one model, parameter by parameter.",
+        epilog="Example: lightning-merge --base base.safetensors --finetuned a.ckpt b.ckpt --prefix model."
+        " --method tsv_m --rank 0.125 --exclude 'head.*' --output merged/",
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="YAML",
+        help="YAML file whose keys mirror these arguments (base, finetuned, method, rank, exclude, ...);"
+        " command-line flags override it",
+    )
+    for flag, options in _IO_ARGUMENTS:
+        parser.add_argument(flag, **options)
+    _add_method_options(parser)
+    return parser
+
+
+_FLAG = argparse.BooleanOptionalAction
+
+
+def _arg(flag: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    return flag, options
+
+
+_IO_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
+    _arg("--base", required=True,
+         help="the pre-trained checkpoint: .safetensors, .ckpt, .bin/.pt, or a Hugging Face folder"),
+    _arg("--finetuned", required=True, nargs="+", metavar="CKPT",
+         help="the fine-tuned checkpoints (same formats)"),
+    _arg("--method", required=True, choices=sorted(METHODS), help="the merge method"),
+    _arg("--output", required=True,
+         help="output folder: model.safetensors (sharded above --max-shard-size) + merge_record.json"),
+    _arg("--exclude", nargs="+", default=[], metavar="PATTERN",
+         help="task-specific keys never merged (copied from the base): globs such as 'head.*', or"
+         " 're:<regex>'"),
+    _arg("--prefix", default=None,
+         help="key prefix stripped from every checkpoint, e.g. 'model.' for LightningModule .ckpt files"),
+    _arg("--base-prefix", default=None, help="key prefix stripped from the base only (default: --prefix)"),
+    _arg("--device", default="cpu", help="device the merge runs on, e.g. cpu or cuda:0 (default: cpu)"),
+    _arg("--dtype", default=None, choices=sorted(DTYPES),
+         help="dtype of the merged weights (default: the base's)"),
+    _arg("--max-shard-size", type=parse_size, default="5GiB", metavar="SIZE",
+         help="shard size limit, e.g. 5GiB, 500MB (default: 5GiB)"),
+    _arg("--strict", action=_FLAG, default=True,
+         help="fail on missing keys or shape mismatches (default); --no-strict merges the common keys and"
+         " reports the rest"),
+    _arg("--overwrite", action=_FLAG, default=False, help="replace an existing output folder"),
+    _arg("--hash", action=_FLAG, default=True, help="record the sha256 of every input (default: on)"),
+    _arg("--quiet", action=_FLAG, default=False, help="no progress bar and no summary"),
+]
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+def _config_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
+    """The YAML config as command-line tokens, so that its values go through the same parsing and checks."""
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        parser.error(f"cannot read --config {str(path)!r}: {str(err).splitlines()[0]}")
+    if not isinstance(config, dict):
+        parser.error(
+            f"expected --config {str(path)!r} to hold a mapping of argument names to values, but got"
+            f" {type(config).__name__}"
+        )
+    # the parser is ours: its actions are the single list of argument names and types
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    argv: list[str] = []
+    for key, value in config.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            parser.error(f"unknown key {key!r} in --config {str(path)!r}; expected some of {sorted(known)}")
+        argv += _tokens(known[dest], value)
+    return argv
+
+
+def _tokens(action: argparse.Action, value: Any) -> list[str]:
+    flag = action.option_strings[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(
+                f"expected {action.dest!r} to be true or false in the config, but got {value!r}"
+            )
+        return [flag if value else "--no-" + flag[2:]]
+    values = value if isinstance(value, list) else [value]
+    if action.nargs != "+" and isinstance(value, list):
+        raise argparse.ArgumentTypeError(
+            f"expected one value for {action.dest!r} in the config, but got a list"
+        )
+    return [flag, *("none" if v is None else str(v) for v in values)]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line, after the ``--config`` YAML when one is given (flags win)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = _Parser(prog=PROG, add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        try:
+            argv = _config_argv(known.config, parser) + argv
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def _method_from(args: argparse.Namespace) -> Any:
+    options = {name: getattr(args, name) for name in _method_fields() if hasattr(args, name)}
+    if "weights" in options and options["weights"] is not None:
+        options["weights"] = tuple(options["weights"])
+    return get_method(args.method, **options)
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run the merge described by parsed arguments; returns the one-line summary."""
+    record = merge_checkpoints(
+        _method_from(args), args.base, args.finetuned, args.output, exclude=args.exclude, strict=args.strict,
+        device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
+        max_shard_size=args.max_shard_size, prefix=args.prefix, base_prefix=args.base_prefix,
+        hash_inputs=args.hash,
+    )
+    return (
+        f"merged {len(record.merged_keys)} keys of {len(args.finetuned)} checkpoints with {record.method}"
+        f" into"
+        f" {args.output} ({len(record.excluded_keys)} excluded, {len(record.skipped)} skipped) in"
+        f" {record.seconds:.1f} s"
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text.strip("'\"") if isinstance(err, KeyError) else text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-merge`` console script; returns the exit code."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a one-line usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
+    try:
+        summary = run(args)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(summary)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Checkpoint sources and the safetensors writer: every format round-trips, bad files are refused clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lightning_merge.io import (
+    CheckpointSource,
+    HFFolderSource,
+    PrefixedSource,
+    SafetensorsSource,
+    SafetensorsWriter,
+    StateDictSource,
+    TensorSpec,
+    TorchFileSource,
+    open_source,
+    save_state_dict,
+    source_files,
+)
+
+
+@pytest.fixture
+def state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "enc.weight": torch.randn(5, 3, generator=g),
+        "enc.bias": torch.randn(5, generator=g),
+        "norm.weight": torch.randn(3, generator=g).bfloat16(),
+        "conv.weight": torch.randn(2, 1, 3, 3, generator=g, dtype=torch.float64),
+        "scale": torch.tensor(0.5),
+        "position_ids": torch.arange(4),
+        "mask": torch.tensor([True, False]),
+    }
+
+
+def assert_same(source: CheckpointSource, state: dict[str, torch.Tensor]) -> None:
+    assert sorted(source.keys()) == sorted(state)
+    for key, value in state.items():
+        assert source.shape(key) == tuple(value.shape)
+        assert source.dtype(key) == value.dtype
+        tensor = source.get_tensor(key)
+        assert tensor.dtype == value.dtype and torch.equal(tensor, value), key
+
+
+def test_state_dict_source_round_trips(state):
+    source = StateDictSource(state, label="mine")
+    assert source.name == "mine"
+    assert_same(source, state)
+    assert isinstance(source, CheckpointSource)
+
+
+def test_safetensors_source_round_trips(tmp_path, state):
+    save_file(state, str(tmp_path / "w.safetensors"))
+    source = open_source(tmp_path / "w.safetensors")
+    assert isinstance(source, SafetensorsSource)
+    assert source.name == str(tmp_path / "w.safetensors")
+    assert_same(source, state)
+
+
+@pytest.mark.parametrize("name", ["w.pt", "pytorch_model.bin", "w.pth"])
+def test_torch_file_source_round_trips(tmp_path, state, name):
+    torch.save(state, tmp_path / name)
+    source = open_source(tmp_path / name)
+    assert isinstance(source, TorchFileSource)
+    assert_same(source, state)
+
+
+def test_legacy_torch_file_is_read_without_mmap(tmp_path, state):
+    torch.save(state, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert_same(open_source(tmp_path / "old.pt"), state)
+
+
+def test_lightning_style_ckpt_with_prefix(tmp_path, state):
+    ckpt = {
+        "epoch": 3,
+        "global_step": 10,
+        "pytorch-lightning_version": "2.4.0",
+        "state_dict": {**{f"model.{k}": v for k, v in state.items()}, "criterion.pos_weight": torch.ones(1)},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}],
+        "hyper_parameters": {"lr": 0.1, "name": "vit"},
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    assert "criterion.pos_weight" in open_source(tmp_path / "last.ckpt").keys()
+    assert_same(open_source(tmp_path / "last.ckpt", prefix="model."), state)
+
+
+def test_real_lightning_checkpoint(tmp_path):
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self, hidden: int = 4) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.model = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.BatchNorm1d(hidden))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 3)), batch_size=4)
+    trainer = lightning.Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                                enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, data)
+    trainer.save_checkpoint(tmp_path / "real.ckpt")
+    assert_same(open_source(tmp_path / "real.ckpt", prefix="model."), module.model.state_dict())
+
+
+def test_prefix_strip_and_add(state):
+    source = open_source(state, add_prefix="model.")
+    assert source.keys() == [f"model.{k}" for k in state]
+    assert torch.equal(source.get_tensor("model.enc.weight"), state["enc.weight"])
+    renamed = open_source(source, prefix="model.", add_prefix="net.")
+    assert isinstance(renamed, PrefixedSource)
+    assert renamed.keys() == [f"net.{k}" for k in state]
+    assert torch.equal(renamed.get_tensor("net.enc.bias"), state["enc.bias"])
+
+
+def test_prefix_matching_nothing_is_an_error(state):
+    with pytest.raises(ValueError, match=r"Expected some keys of '<state_dict>' to start with prefix 'model\.'.*HINT"):
+        open_source(state, prefix="model.")
+
+
+def test_open_source_returns_sources_unchanged(state):
+    source = StateDictSource(state)
+    assert open_source(source) is source
+
+
+def test_get_tensor_on_device_and_missing_key(tmp_path, state):
+    save_file(state, str(tmp_path / "w.safetensors"))
+    source = open_source(tmp_path / "w.safetensors")
+    assert source.get_tensor("enc.weight", device="meta").device.type == "meta"
+    with pytest.raises(KeyError, match=r"'nope' is not in checkpoint '.*w\.safetensors'"):
+        source.get_tensor("nope")
+
+
+def _sharded_hf_folder(folder: Path, state: dict[str, torch.Tensor]) -> None:
+    keys = list(state)
+    shards = {"model-00001-of-00002.safetensors": keys[:3], "model-00002-of-00002.safetensors": keys[3:]}
+    for name, shard_keys in shards.items():
+        save_file({k: state[k] for k in shard_keys}, str(folder / name))
+    weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_hf_folder_sharded_safetensors(tmp_path, state):
+    _sharded_hf_folder(tmp_path, state)
+    source = open_source(tmp_path)
+    assert isinstance(source, HFFolderSource)
+    assert_same(source, state)
+    assert [p.name for p in source_files(source)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_hf_folder_single_safetensors_and_bin(tmp_path, state):
+    (tmp_path / "a").mkdir()
+    save_file(state, str(tmp_path / "a" / "model.safetensors"))
+    assert_same(open_source(tmp_path / "a"), state)
+    (tmp_path / "b").mkdir()
+    torch.save(state, tmp_path / "b" / "pytorch_model.bin")
+    assert_same(open_source(tmp_path / "b"), state)
+
+
+def test_hf_folder_sharded_bin(tmp_path, state):
+    keys = list(state)
+    torch.save({k: state[k] for k in keys[:2]}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    torch.save({k: state[k] for k in keys[2:]}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    weight_map = {k: f"pytorch_model-0000{1 if i < 2 else 2}-of-00002.bin" for i, k in enumerate(keys)}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_same(open_source(tmp_path), state)
+
+
+def test_transformers_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=16)
+    model = transformers.BertModel(config)
+    model.save_pretrained(tmp_path / "bert", max_shard_size="20KB")
+    source = open_source(tmp_path / "bert")
+    assert set(source.keys()) <= set(model.state_dict())
+    for key in source.keys():
+        assert torch.equal(source.get_tensor(key), model.state_dict()[key]), key
+
+
+def test_hf_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"to hold model\.safetensors.*but found none"):
+        HFFolderSource(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match=r"names files that do not exist: \['gone\.safetensors'\]"):
+        open_source(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ValueError, match="Could not read the shard index"):
+        open_source(tmp_path)
+
+
+class _Evil:
+    """Unpickling this would run ``open(marker, "w")``: an arbitrary-code payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["evil.ckpt", "pytorch_model.bin"])
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path, name):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / name, "wb") as f:
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "payload": _Evil(marker)}, f)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=rf"Refusing to load '.*{name}'.*GLOBAL.*It was not executed"):
+        open_source(tmp_path / name)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="Refusing to load"):  # also inside a model folder
+        (tmp_path / "folder").mkdir(exist_ok=True)
+        os.replace(tmp_path / name, tmp_path / "folder" / "pytorch_model.bin")
+        open_source(tmp_path / "folder")
+    assert not marker.exists()
+
+
+def test_plain_pickle_is_refused(tmp_path):
+    with open(tmp_path / "p.pt", "wb") as f:
+        pickle.dump({"w": _Evil(tmp_path / "pwned")}, f)
+    with pytest.raises(ValueError, match=r"'.*p\.pt'"):
+        open_source(tmp_path / "p.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage!")
+    with pytest.raises(ValueError, match=r"Could not read '.*bad\.safetensors' as a safetensors file"):
+        open_source(tmp_path / "bad.safetensors")
+    (tmp_path / "bad.ckpt").write_bytes(b"garbage!")
+    with pytest.raises(ValueError, match=r"'.*bad\.ckpt'"):
+        open_source(tmp_path / "bad.ckpt")
+    torch.save({"epoch": 3, "lr": 0.1}, tmp_path / "meta.ckpt")
+    with pytest.raises(ValueError, match=r"to hold a state dict of tensors.*\['epoch', 'lr'\]"):
+        open_source(tmp_path / "meta.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"'.*missing\.ckpt' \(not found\)"):
+        open_source(tmp_path / "missing.ckpt")
+    with pytest.raises(TypeError, match="Expected argument `src` to be a path, a state dict or a CheckpointSource"):
+        open_source(3)
+    with pytest.raises(TypeError, match=r"key 'a' holds a int"):
+        StateDictSource({"a": 1})
+
+
+def test_sources_pickle(tmp_path, state):
+    torch.save(state, tmp_path / "w.pt")
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for path in ("w.pt", "w.safetensors"):
+        assert_same(pickle.loads(pickle.dumps(open_source(tmp_path / path))), state)
+
+
+def test_writer_round_trip_and_metadata(tmp_path, state):
+    state = {**state, "empty": torch.zeros(0, 3)}
+    assert save_state_dict(state, tmp_path) == ["model.safetensors"]
+    assert_same(open_source(tmp_path), state)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_writer_shards_with_index(tmp_path, state):
+    files = save_state_dict(state, tmp_path, max_shard_size=64)
+    assert files[-1] == "model.safetensors.index.json" and files[0] == f"model-00001-of-{len(files) - 1:05d}.safetensors"
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state)
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    assert_same(open_source(tmp_path), state)
+
+
+def test_writer_checks_order_shape_and_completeness(tmp_path):
+    specs = [TensorSpec("a", (2,), torch.float32), TensorSpec("b", (3,), torch.float32)]
+    with SafetensorsWriter(tmp_path, specs) as writer:
+        with pytest.raises(ValueError, match="Expected key 'a' next"):
+            writer.write("b", torch.zeros(3))
+        with pytest.raises(ValueError, match=r"shape \(2,\) and dtype torch.float32, but got \(3,\) torch.float32"):
+            writer.write("a", torch.zeros(3))
+        writer.write("a", torch.zeros(2))
+        with pytest.raises(ValueError, match="'b' and later were never written"):
+            writer.close()
+    with pytest.raises(FileNotFoundError, match="existing folder"):
+        save_state_dict({}, tmp_path / "nope")
+    with pytest.raises(ValueError, match="Expected argument `max_shard_size` to be a positive int"):
+        save_state_dict({"a": torch.zeros(1)}, tmp_path, max_shard_size=0)
