@@ -27,6 +27,9 @@ _LAZY = {
     "search_scaling": "lightning_merge.evaluation",
     "merge_checkpoints": "lightning_merge.engine",
     "open_source": "lightning_merge.io",
+    "load_adapter": "lightning_merge.lora",
+    "merge_adapters": "lightning_merge.lora",
+    "merge_into_base": "lightning_merge.lora",
 }
 
 
@@ -52,7 +55,10 @@ __all__ = [
     "TaskArithmetic",
     "__version__",
     "get_method",
+    "load_adapter",
+    "merge_adapters",
     "merge_checkpoints",
+    "merge_into_base",
     "open_source",
     "search_scaling",
 ]

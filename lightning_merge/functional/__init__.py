@@ -1,5 +1,16 @@
 """Pure-torch merge math. Never imports Lightning: every function takes one parameter's tensors and returns one."""
 
+from lightning_merge.functional.lora import (
+    LowRankUpdate,
+    lora_balance,
+    lora_compact,
+    lora_dense,
+    lora_merge,
+    lora_scale,
+    lora_sum,
+    lora_svd,
+    lora_task_features,
+)
 from lightning_merge.functional.merges import (
     average,
     sftm,
@@ -20,8 +31,17 @@ from lightning_merge.functional.svd import (
 )
 
 __all__ = [
+    "LowRankUpdate",
     "average",
     "gram_roots",
+    "lora_balance",
+    "lora_compact",
+    "lora_dense",
+    "lora_merge",
+    "lora_scale",
+    "lora_sum",
+    "lora_svd",
+    "lora_task_features",
     "orthogonalize",
     "sftm",
     "sftm_factors",
