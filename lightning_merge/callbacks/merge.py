@@ -22,8 +22,16 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_merge.callbacks._distributed import exchange, merge_shard
+from lightning_merge.callbacks._lora import (
+    MERGED_ADAPTER,
+    check_lora_fit,
+    find_peft_model,
+    merge_lora_tasks,
+    save_task_adapter,
+)
 from lightning_merge.engine import MergePlan, plan_merge, shard_keys
 from lightning_merge.io import CheckpointSource, open_source, save_state_dict
+from lightning_merge.lora import LoraAdapter
 from lightning_merge.methods import MergeMethod, get_method
 
 log = logging.getLogger(__name__)
@@ -51,6 +59,14 @@ class MergeCallback(Callback):
     its own, each task's are in :attr:`heads`; :attr:`plan`, :attr:`base_source` and :attr:`task_sources` say what
     was merged from where (e.g. to compare methods with ``MergedEvalLoop.compare``); and rank zero writes ``dirpath/merged`` (safetensors of the merged
     weights, excluded keys from the base, ``heads/<task>.safetensors`` and ``merge_record.json``).
+
+    LoRA fits (workflow 1 with a ``peft.PeftModel`` inside the module): each task's adapter is recorded under
+    ``dirpath/task-XX-<task>`` (a peft adapter folder), the adapters are merged in low-rank form with
+    :func:`~lightning_merge.lora.merge_adapters` (average, task arithmetic, TSV-M or SFTM; TIES is refused when the
+    first fit starts) on every rank, rank zero writes ``dirpath/merged_adapter`` (loadable with
+    ``PeftModel.from_pretrained``, also in :attr:`merged_adapter`), and the module then computes ``W0 + lam * M``:
+    the merged update is added to its frozen base weights and its LoRA ``B`` factors are zeroed. Only the factors
+    are merged: other parameters of the module (outside the ``PeftModel``) are left as the last fit ended them.
 
     Args:
         method: a registry name (``"tsv_m"``, ``"sftm"``, ``"ties"``, ``"task_arithmetic"``, ``"average"``) or a
@@ -100,6 +116,7 @@ class MergeCallback(Callback):
         self.base_source: CheckpointSource | None = None
         self.task_sources: dict[str, CheckpointSource] = {}
         self.merge_seconds: float | None = None
+        self.merged_adapter: LoraAdapter | None = None
 
     @property
     @override
@@ -126,6 +143,8 @@ class MergeCallback(Callback):
             return
         if len(self._collected) == len(self.tasks):
             raise ValueError(f"MergeCallback already merged its tasks {self.tasks}. HINT: use a new MergeCallback.")
+        if check_lora_fit(pl_module, self.method):  # LoRA: the frozen base stays in the module, no snapshot
+            return
         if not self._collected:
             self._snapshot(trainer, pl_module, "base")
         else:
@@ -160,6 +179,9 @@ class MergeCallback(Callback):
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Merge the recorded or given checkpoints into ``pl_module`` on every rank (called at fit end)."""
         start = time.perf_counter()
+        if self.finetuned is None and find_peft_model(pl_module) is not None:
+            self._merge_lora(trainer, pl_module, start)
+            return
         base, tasks = self._sources(trainer)
         self.base_source, self.task_sources = base, tasks
         self.plan = plan_merge(base, list(tasks.values()), exclude=self.exclude)
@@ -175,6 +197,14 @@ class MergeCallback(Callback):
         if self.save_merged:
             self._save_merged(trainer, base, merged)
         self._log(trainer, len(tasks))
+
+    def _merge_lora(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
+        assert self.dirpath is not None
+        folders = [self.dirpath / _task_dirname(i, t) for i, t in enumerate(self.tasks)]
+        output = self.dirpath / MERGED_ADAPTER if self.save_merged else None
+        self.merged_adapter = merge_lora_tasks(trainer, pl_module, self.method, folders, output)
+        self.merge_seconds = time.perf_counter() - start
+        self._log(trainer, len(self.tasks))
 
     def _sources(self, trainer: pl.Trainer) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
         if self.finetuned is None:
@@ -200,7 +230,10 @@ class MergeCallback(Callback):
     # ---------------------------------------------------------------------------------------------- files
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
         assert self.dirpath is not None
-        if trainer.is_global_zero:
+        peft_model = find_peft_model(pl_module)
+        if trainer.is_global_zero and peft_model is not None:
+            save_task_adapter(peft_model, self.dirpath / name)
+        elif trainer.is_global_zero:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in pl_module.state_dict().items()}
             _atomic_save(state, self.dirpath / name)
         trainer.strategy.barrier("MergeCallback.snapshot")

@@ -1,0 +1,164 @@
+"""LoRA fits in :class:`~lightning_merge.callbacks.MergeCallback` workflow 1: adapters, not parameters, are merged.
+
+When the module being fit holds a ``peft.PeftModel``, the callback records each task's adapter (its LoRA factors
+and ``LoraConfig``, as ``PeftModel.save_pretrained`` would write them) instead of the module's state dict, merges the
+adapters in low-rank form with :func:`~lightning_merge.lora.merge_adapters` (TSV-M/SFTM on ``D_t = scale_t B_t A_t``,
+never on ``lora_A`` and ``lora_B`` separately), and makes the module compute ``W0 + lam * M``: the merged update is
+added to the frozen base weights and the LoRA ``B`` factors are zeroed, so the adapter's own term is exactly zero.
+
+Detection: a ``peft.PeftModel`` among the module's submodules. LoRA layers without a ``PeftModel`` (e.g. from
+``peft.inject_adapter_in_model``) are refused, since their factors would otherwise be merged as parameters.
+peft is only consulted when it is already imported: a module cannot hold a ``PeftModel`` otherwise.
+
+Under DDP every rank merges the adapters itself (seconds on CPU, the same inputs and the same operations, so the same
+result, and the same error on every rank if any), and rank zero writes ``merged_adapter``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from safetensors.torch import save_file
+
+from lightning_merge.lora import CONFIG_NAME, SAFETENSORS_NAME, LoraAdapter, check_lora_config, merge_adapters
+from lightning_merge.lora import _check_lora_method as check_lora_method
+from lightning_merge.lora import merge_into_base
+from lightning_merge.methods import MergeMethod
+
+MERGED_ADAPTER = "merged_adapter"
+
+
+def find_peft_model(pl_module: torch.nn.Module) -> Any | None:
+    """The ``peft.PeftModel`` inside ``pl_module``, or ``None`` for a module without LoRA layers.
+
+    Raises:
+        ValueError: several ``PeftModel`` submodules, or LoRA layers outside any ``PeftModel``.
+    """
+    peft = sys.modules.get("peft")
+    if peft is None:  # not imported: no module can hold a PeftModel
+        return None
+    from peft.tuners.lora import LoraLayer
+
+    models = [m for m in pl_module.modules() if isinstance(m, peft.PeftModel)]
+    if len(models) > 1:
+        raise ValueError(f"Expected at most one peft.PeftModel in the LightningModule, but found {len(models)}.")
+    if not models and any(isinstance(m, LoraLayer) for m in pl_module.modules()):
+        raise ValueError(
+            "Expected the LoRA layers of the LightningModule to belong to a peft.PeftModel, but found none: their"
+            " factors would be merged as independent parameters. HINT: wrap the model with `peft.get_peft_model`."
+        )
+    return models[0] if models else None
+
+
+def _adapter_name(peft_model: Any) -> str:
+    active = list(peft_model.active_adapters)
+    if len(active) != 1:
+        raise ValueError(f"Expected one active LoRA adapter in the PeftModel, but got {active}.")
+    return active[0]
+
+
+def _adapter_config(peft_model: Any, name: str) -> dict[str, Any]:
+    config = peft_model.peft_config[name].to_dict()
+    config = {k: sorted(v) if isinstance(v, set | frozenset) else v for k, v in config.items()}
+    config["inference_mode"] = True
+    return config
+
+
+def _check_frozen_base(peft_model: Any) -> None:
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    if trained:
+        raise ValueError(
+            f"Expected only the LoRA factors of the PeftModel to be trainable, but {trained[0]!r} is too: the merged"
+            " update is added to base weights that must stay the pre-trained ones. HINT: freeze it, or fine-tune"
+            " the whole model without peft."
+        )
+
+
+def check_lora_fit(pl_module: pl.LightningModule, method: MergeMethod) -> bool:
+    """Whether ``pl_module`` is a LoRA fit; for one, refuse (before training) what cannot be merged as adapters.
+
+    Raises:
+        ValueError: a method without a low-rank form (TIES), several active adapters, a refused LoRA variant
+            (:func:`~lightning_merge.lora.check_lora_config`), or trainable parameters besides the factors.
+    """
+    peft_model = find_peft_model(pl_module)
+    if peft_model is None:
+        return False
+    check_lora_method(method)
+    name = _adapter_name(peft_model)
+    check_lora_config(_adapter_config(peft_model, name), f"the LoraConfig of adapter {name!r}")
+    _check_frozen_base(peft_model)
+    return True
+
+
+def _atomic_folder(folder: Path, write: Callable[[Path], Any]) -> None:
+    """``write`` into a temporary sibling folder, then swap it in place of ``folder`` (ours to replace)."""
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_task_adapter(peft_model: Any, folder: Path) -> None:
+    """Write the active adapter as a peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    from peft import get_peft_model_state_dict
+
+    name = _adapter_name(peft_model)
+    # save_embedding_layers=False: the base is never resized here, and "auto" may look the base model up online
+    state = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    config = _adapter_config(peft_model, name)
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+
+    _atomic_folder(folder, write)
+
+
+def fold_into_base(peft_model: Any, adapter: LoraAdapter) -> None:
+    """Make ``peft_model`` compute ``W0 + update``: add the adapter's update to each adapted base weight and zero the
+    active adapter's ``B`` factors (its term ``scale * B @ A`` is then exactly zero)."""
+    name = _adapter_name(peft_model)
+    layers = {module: peft_model.get_base_model().get_submodule(module) for module in adapter.modules}
+    weights = {f"{module}.weight": layer.get_base_layer().weight.detach().cpu() for module, layer in layers.items()}
+    merged = merge_into_base(adapter, weights)
+    with torch.no_grad():
+        for module, layer in layers.items():
+            layer.get_base_layer().weight.copy_(merged[f"{module}.weight"])
+            if name in layer.lora_B:
+                layer.lora_B[name].weight.zero_()
+            if name in layer.lora_embedding_B:
+                layer.lora_embedding_B[name].zero_()
+
+
+def merge_lora_tasks(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    method: MergeMethod,
+    task_dirs: Sequence[Path],
+    output: Path | None,
+) -> LoraAdapter:
+    """Merge the recorded task adapters (on every rank), write ``output`` on rank zero, fold into ``pl_module``."""
+    adapter = merge_adapters(method, task_dirs)
+    if output is not None:
+        if trainer.is_global_zero:
+            _atomic_folder(output, adapter.save)
+        trainer.strategy.barrier("MergeCallback.save_merged_adapter")
+    fold_into_base(find_peft_model(pl_module), adapter)
+    return adapter
