@@ -83,7 +83,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     pl.seed_everything(args.seed, verbose=False)
     pre_steps, ft_steps = (300, 60) if args.fast else (1500, 300)
-    grid = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5] if args.fast else [round(0.1 * i, 1) for i in range(1, 16)]
+    grid = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5] if args.fast else [0.05] + [round(0.1 * i, 1) for i in range(1, 21)]
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = Digits(seed=args.seed)

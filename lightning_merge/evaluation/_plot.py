@@ -23,10 +23,10 @@ def _bars(ax: Any, report: MergeReport) -> None:
     for i, (name, row) in enumerate(report.rows.items()):
         values = [row.scores[t][report.metric] for t in report.tasks] + [row.mean[report.metric]]
         ax.bar([g + i * width for g in range(len(groups))], values, width, label=name)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, rotation=30, ha="right")
     ax.set_ylabel(report.metric)
     ax.set_title("scores per task")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
 def _curves(ax: Any, report: MergeReport) -> None:
@@ -44,7 +44,7 @@ def plot_report(report: MergeReport, path: str | Path) -> None:
     """Bars per task and model; beside them, after a search, the curves ``lam -> mean score``."""
     figure_class = _figure_class()
     searched = any(len(curve) > 1 for curve in report.curves.values())
-    fig = figure_class(figsize=(11 if searched else 6, 4), layout="constrained")
+    fig = figure_class(figsize=(13 if searched else 7, 4.5), layout="constrained")
     axes = fig.subplots(1, 2 if searched else 1, squeeze=False)[0]
     _bars(axes[0], report)
     if searched:
