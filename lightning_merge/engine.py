@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_merge.functional._checks import compute_dtype
+from lightning_merge.functional._checks import compute_dtype, finite_as
 from lightning_merge.io.sources import CheckpointSource, HFFolderSource, open_source, source_files
 from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_stream
 from lightning_merge.methods import MergeMethod, get_method
@@ -340,7 +340,20 @@ def _combine(method: MergeMethod, loaded: Loaded, dtype: torch.dtype | None) -> 
         return tensor.to(device="cpu", dtype=out_dtype)
     # merge in the wider of the two dtypes, so that asking for float32 output from bf16 inputs loses nothing
     tensor = tensor.to(torch.promote_types(tensor.dtype, out_dtype))
-    return method(tensor, finetuned).to(device="cpu", dtype=out_dtype)
+    return finite_as(method(tensor, finetuned), out_dtype).cpu()
+
+
+def _combine_key(method: MergeMethod, key: str, loaded: Loaded, dtype: torch.dtype | None,
+                 finetuned: Sequence[CheckpointSource]) -> Tensor:
+    """:func:`_combine`, naming the key and the checkpoints in a value error (e.g. NaN from a corrupt file)."""
+    try:
+        return _combine(method, loaded, dtype)
+    except ValueError as err:
+        names = [ft.name for ft in finetuned]
+        raise ValueError(
+            f"Could not merge key {key!r}: {err} (`task_vectors[t]` is the fine-tuned checkpoint t of"
+            f" {names})."
+        ) from None
 
 
 def _prefetched(load: Callable[[str], Loaded], keys: Sequence[str]) -> Iterator[tuple[str, Loaded]]:
@@ -414,7 +427,7 @@ def _stream(
 
     with _progress_bar(sum(_nbytes(base, k) for k in keys), progress, f"merging ({method.name})") as bar:
         for key, loaded in _prefetched(load, keys):
-            tensor = _combine(method, loaded, dtype)
+            tensor = _combine_key(method, key, loaded, dtype, finetuned)
             del loaded
             bar.update(_nbytes(base, key))
             yield key, tensor

@@ -33,6 +33,7 @@ from lightning_merge.functional._checks import (
     check_scaling,
     check_weights,
     compute_dtype,
+    finite_as,
     resolve_rank,
 )
 from lightning_merge.functional.merges import Basis, Factors, TaskVectors
@@ -87,7 +88,7 @@ class MergeMethod(ABC):
         deltas = torch.empty((len(finetuned), *base.shape), dtype=cdt, device=base.device)
         for t, f in enumerate(finetuned):  # one buffer: each difference is written in place, no list then stack
             torch.sub(f.to(cdt), w0, out=deltas[t])
-        return (w0 + self.merge(deltas)).to(base.dtype)
+        return finite_as(w0 + self.merge(deltas), base.dtype)
 
     def cost(self, shape: Sequence[int], num_tasks: int) -> float:
         """Estimated floating-point operations to merge one parameter (used to balance work across ranks)."""

@@ -75,6 +75,24 @@ def _check_finite(stacked: Tensor) -> None:
         raise ValueError(f"Expected finite task vectors, but `task_vectors{bad}` contain NaN or Inf.")
 
 
+def finite_as(merged: Tensor, dtype: torch.dtype) -> Tensor:
+    """``merged`` cast to ``dtype``, checked finite: finite inputs can still sum past the range of a dtype
+    (float16 tops out at 65504), and an overflow must be an error, not an Inf or NaN in the merged model.
+
+    Raises:
+        ValueError: a merged value is NaN or Inf in ``dtype``.
+    """
+    out = merged.to(dtype)
+    # the cheap reduction first (as in _check_finite); the exact check only when it is not finite
+    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+        raise ValueError(
+            f"Expected the merged values to be finite in {dtype}, but some overflow to NaN or Inf although"
+            " the task vectors are finite. HINT: lower `scaling` or `weights`, or merge in a wider dtype"
+            " (float32)."
+        )
+    return out
+
+
 def check_weights(weights: Sequence[float] | None, num_tasks: int | None = None) -> None:
     if weights is None:
         return

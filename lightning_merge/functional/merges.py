@@ -23,6 +23,7 @@ from lightning_merge.functional._checks import (
     check_rcond,
     check_scaling,
     check_weights,
+    finite_as,
     resolve_rank,
     stack_task_vectors,
 )
@@ -55,7 +56,7 @@ def average(task_vectors: TaskVectors, *, scaling: float = 1.0, weights: Sequenc
     """
     check_scaling(scaling)
     check_weights(weights)
-    return (scaling * stack_task_vectors(task_vectors, weights).mean(0)).to(_dtype_of(task_vectors))
+    return finite_as(scaling * stack_task_vectors(task_vectors, weights).mean(0), _dtype_of(task_vectors))
 
 
 def task_arithmetic(
@@ -69,12 +70,12 @@ def task_arithmetic(
     """
     check_scaling(scaling)
     check_weights(weights)
-    return (scaling * stack_task_vectors(task_vectors, weights).sum(0)).to(_dtype_of(task_vectors))
+    return finite_as(scaling * stack_task_vectors(task_vectors, weights).sum(0), _dtype_of(task_vectors))
 
 
 def trim_magnitude(deltas: Tensor, density: float) -> Tensor:
     """Keep the ``ceil(density * numel)`` largest-magnitude entries of each ``deltas[t]``, zero the rest."""
-    flat = deltas.flatten(1)
+    flat = deltas.reshape(deltas.shape[0], -1)  # not flatten(1): 0-d parameters (e.g. a logit scale) are (T,)
     keep = math.ceil(density * flat.shape[1])
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.abs().topk(keep, dim=1).indices, True)
     return (flat * mask).view_as(deltas)
@@ -104,7 +105,7 @@ def ties(
     elected = torch.sign(trimmed.sum(0))
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
     merged = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
-    return (scaling * merged).to(_dtype_of(task_vectors))
+    return finite_as(scaling * merged, _dtype_of(task_vectors))
 
 
 def tsv_m_factors(U: Tensor, s: Tensor, V: Tensor) -> Factors:
@@ -144,14 +145,14 @@ def _svd_merge(
     check_choice("solver", solver, SOLVERS)
     check_weights(weights)
     deltas = stack_task_vectors(task_vectors, weights)
-    if deltas.ndim != 3:
+    if deltas.ndim != 3 or deltas.numel() == 0:  # an empty matrix has no features: its merge is empty too
         merged = deltas.mean(0)
     else:
         T, m, n = deltas.shape
         U, s, V = task_features(deltas, resolve_rank(rank, min(m, n), T), solver=solver)
         left, right = factors(U, s, V)
         merged = left @ right.mT
-    return (scaling * merged).to(_dtype_of(task_vectors))
+    return finite_as(scaling * merged, _dtype_of(task_vectors))
 
 
 def tsv_m(
