@@ -394,8 +394,9 @@ def merge_keys(
 
     The merged tensor is ``method(base, finetuned)`` computed on ``device``, returned on CPU in the base's
     dtype (or ``dtype``; the merge then runs in the wider of the two). Non-floating-point tensors are the
-    base's, unchanged. With the same device and dtype the result is bitwise the in-memory
-    ``method(base_tensor, finetuned_tensors)``.
+    base's, unchanged. With the same device, dtype and number of threads the result is bitwise the in-memory
+    ``method(base_tensor, finetuned_tensors)`` (BLAS reductions depend on the thread count: e.g. 1 against 2
+    threads moved a TSV-M merge by 1e-4 relative).
 
     Args:
         method: the method object (see :func:`lightning_merge.methods.get_method`).

@@ -206,6 +206,29 @@ def test_truncated_svd_solvers_and_determinism():
     assert torch.allclose(wide[1], S, rtol=1e-8) and wide[0].shape == (3, 60, 5)
 
 
+def power_law_tasks(T, m, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    out = []
+    for _ in range(T):
+        u = torch.linalg.qr(torch.randn(m, r, generator=g)).Q
+        v = torch.linalg.qr(torch.randn(n, r, generator=g)).Q
+        out.append((u / torch.arange(1, r + 1)) @ v.T)
+    return torch.stack(out)
+
+
+def test_auto_falls_back_to_exact_when_the_sketch_has_not_converged():
+    slow = power_law_tasks(3, 256, 256)  # s_i ~ 1/i: no gap at k, the sketch is unreliable there
+    k = 20
+    assert F.use_randomized(k, 256)
+    auto, exact = F.truncated_svd(slow, k, solver="auto"), F.truncated_svd(slow, k, solver="exact")
+    assert all(torch.equal(a, b) for a, b in zip(auto, exact))
+    fast = torch.stack(low_rank_tasks(3, 256, 256, rank=k, noise=1e-4, dtype=torch.float32))  # a wide gap at k
+    auto, exact = F.truncated_svd(fast, k, solver="auto"), F.truncated_svd(fast, k, solver="exact")
+    assert not torch.equal(auto[1], exact[1])  # the sketch was kept ...
+    assert torch.allclose(auto[1], exact[1], rtol=1e-4)  # ... and it is accurate
+
+
 def test_auto_solver_rule():
     assert F.use_randomized(96, 768) and F.use_randomized(256, 2048)
     assert not F.use_randomized(384, 768)  # T = 2: half the rank, exact

@@ -80,6 +80,11 @@ class MergeCallback(Callback):
         save_merged: write ``dirpath/merged`` on rank zero.
         progress: a progress bar on rank zero while merging.
 
+    With ``strategy="ddp_spawn"`` the fits run in child processes: the launching process gets the merged weights
+    back in its module (Lightning returns rank zero's), but this object's attributes (``heads``, ``plan``,
+    ``merge_seconds``) are filled in the children only; read ``dirpath/merged`` (``merge_record.json``,
+    ``heads/<task>.safetensors``) there, or use ``strategy="ddp"``.
+
     Example::
 
         merge = MergeCallback("tsv_m", tasks=["mnist", "svhn"], exclude=["head.*"])

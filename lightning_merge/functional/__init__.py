@@ -22,6 +22,7 @@ from lightning_merge.functional.merges import (
     tsv_m_factors,
 )
 from lightning_merge.functional.svd import (
+    converged,
     gram_roots,
     orthogonalize,
     sti,
@@ -33,6 +34,7 @@ from lightning_merge.functional.svd import (
 __all__ = [
     "LowRankUpdate",
     "average",
+    "converged",
     "gram_roots",
     "lora_balance",
     "lora_compact",
