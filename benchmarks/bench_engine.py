@@ -1,7 +1,8 @@
 """Benchmark of the streaming merge engine against loading every task vector at once, and the I/O floor.
 
 Synthetic fine-tunes with ViT-B/32 image-encoder shapes (12 blocks, width 768, MLP 3072, attention in-proj
-2304x768, biases and norms, patch embedding, projection) are written as safetensors; then each variant runs
+2304x768, biases and norms, patch embedding, projection) are written as safetensors (matrix task deltas of low
+effective rank plus noise, as in bench_core.py; the others small noise); then each variant runs
 in a fresh subprocess that reports its wall time and peak resident memory (``VmHWM``):
 
 - ``engine_tsv_m`` / ``engine_task_arithmetic``: :func:`lightning_merge.engine.merge_checkpoints` to a folder
@@ -62,8 +63,18 @@ def vit_b32_state(blocks: int, generator: torch.Generator) -> dict[str, torch.Te
     return {k: torch.randn(s, generator=generator) * 0.02 for k, s in shapes.items()}
 
 
+def task_delta(shape: tuple[int, ...], seed: int, generator: torch.Generator) -> torch.Tensor:
+    """Matrices: low effective rank plus noise, as in bench_core.py (so "auto" keeps its sketch); others: noise."""
+    if len(shape) != 2:
+        return 1e-3 * torch.randn(shape, generator=generator)
+    from bench_core import realistic_tasks  # noqa: PLC0415 (the benchmarks folder is on sys.path when run)
+
+    delta = realistic_tasks(shape, 1, 1e-3, seed, max(1, min(shape) // 8))[0]
+    return delta * (1e-3 * shape[0] ** 0.5 / delta.norm())
+
+
 def make_inputs(folder: Path, tasks: int, blocks: int) -> tuple[Path, list[Path]]:
-    """Write the base and ``tasks`` fine-tunes (base plus a random perturbation) as safetensors."""
+    """Write the base and ``tasks`` fine-tunes (base plus a task delta) as safetensors."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
@@ -72,7 +83,8 @@ def make_inputs(folder: Path, tasks: int, blocks: int) -> tuple[Path, list[Path]
     paths = []
     for t in range(tasks):
         path = folder / f"task{t}.safetensors"
-        save_file({k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(path))
+        deltas = {k: task_delta(tuple(v.shape), 1000 * t + i, g) for i, (k, v) in enumerate(base.items())}
+        save_file({k: v + deltas[k] for k, v in base.items()}, str(path))
         paths.append(path)
     return folder / "base.safetensors", paths
 
