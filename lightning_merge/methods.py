@@ -83,12 +83,15 @@ class MergeMethod(ABC):
                 )
         if not finetuned:
             raise ValueError("Expected argument `finetuned` to hold at least one tensor, but got an empty sequence.")
-        cdt = compute_dtype(base.dtype) if base.is_floating_point() else torch.float32
-        w0 = base.to(cdt)
-        deltas = torch.empty((len(finetuned), *base.shape), dtype=cdt, device=base.device)
-        for t, f in enumerate(finetuned):  # one buffer: each difference is written in place, no list then stack
-            torch.sub(f.to(cdt), w0, out=deltas[t])
-        return finite_as(w0 + self.merge(deltas), base.dtype)
+        w0 = base.to(compute_dtype(base.dtype) if base.is_floating_point() else torch.float32)
+        return finite_as(w0 + self._merged_delta(w0, finetuned), base.dtype)
+
+    def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
+        # The differences go into one (T, *shape) buffer, written in place: no list of copies, then a stack.
+        deltas = torch.empty((len(finetuned), *w0.shape), dtype=w0.dtype, device=w0.device)
+        for t, f in enumerate(finetuned):
+            torch.sub(f.to(w0.dtype), w0, out=deltas[t])
+        return self.merge(deltas)
 
     def cost(self, shape: Sequence[int], num_tasks: int) -> float:
         """Estimated floating-point operations to merge one parameter (used to balance work across ranks)."""
@@ -108,6 +111,10 @@ class Average(MergeMethod):
     def merge(self, task_vectors: TaskVectors) -> Tensor:
         return F.average(task_vectors, scaling=self.scaling, weights=self.weights)
 
+    def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
+        # linear: accumulate task by task, without the (T, *shape) buffer
+        return F.sum_of_differences(w0, finetuned, self.weights).mul_(self.scaling / len(finetuned))
+
 
 @dataclasses.dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):
@@ -119,6 +126,9 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, task_vectors: TaskVectors) -> Tensor:
         return F.task_arithmetic(task_vectors, scaling=self.scaling, weights=self.weights)
+
+    def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
+        return F.sum_of_differences(w0, finetuned, self.weights).mul_(self.scaling)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -310,15 +310,15 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch, on_disk, error,
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "old.txt").write_text("previous merge")
     calls = []
-    merge = TaskArithmetic.merge
+    merge = TaskArithmetic.__call__
 
-    def failing(self, task_vectors):
+    def failing(self, base, finetuned):
         calls.append(1)
         if len(calls) == 3:
             raise error("interrupted")
-        return merge(self, task_vectors)
+        return merge(self, base, finetuned)
 
-    monkeypatch.setattr(TaskArithmetic, "merge", failing)
+    monkeypatch.setattr(TaskArithmetic, "__call__", failing)
     with pytest.raises(error, match="interrupted"):
         merge_checkpoints("task_arithmetic", base_path, tuned_paths, tmp_path / "out", overwrite=True, progress=False)
     assert len(calls) == 3

@@ -57,6 +57,19 @@ def test_call_merges_base_and_finetuned_in_base_dtype():
     assert torch.equal(merged, (base.float() + F.sftm(deltas)).bfloat16())
 
 
+@pytest.mark.parametrize("name", ["average", "task_arithmetic"])
+def test_linear_methods_accumulate_without_a_task_buffer_and_agree_with_the_core(name):
+    base = torch.randn(40, 30)
+    finetuned = [base + 1e-3 * torch.randn(40, 30) for _ in range(5)]
+    method = get_method(name, weights=[1.0, -0.5, 2.0, 0.0, 1.0], scaling=0.7)
+    expected = base.double() + getattr(F, name)([f.double() - base.double() for f in finetuned], scaling=0.7,
+                                                weights=[1.0, -0.5, 2.0, 0.0, 1.0])
+    assert torch.allclose(method(base, finetuned).double(), expected, rtol=0, atol=1e-6)
+    bad = [*finetuned[:2], torch.full((40, 30), float("nan"))]
+    with pytest.raises(ValueError, match=r"`task_vectors\[2\]` contain NaN or Inf"):
+        get_method(name)(base, bad)
+
+
 def test_cost_orders_parameters_by_svd_work():
     method = TSVM()
     assert method.cost((3072, 768), 8) > method.cost((768, 768), 8) > method.cost((768,), 8)

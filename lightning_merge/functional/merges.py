@@ -23,6 +23,7 @@ from lightning_merge.functional._checks import (
     check_rcond,
     check_scaling,
     check_weights,
+    compute_dtype,
     finite_as,
     resolve_rank,
     stack_task_vectors,
@@ -71,6 +72,30 @@ def task_arithmetic(
     check_scaling(scaling)
     check_weights(weights)
     return finite_as(scaling * stack_task_vectors(task_vectors, weights).sum(0), _dtype_of(task_vectors))
+
+
+def sum_of_differences(base: Tensor, finetuned: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
+    """``sum_t w_t (W_t - W0)`` in the compute dtype, accumulated one task at a time.
+
+    The linear merges (average, task arithmetic) need no ``(T, *shape)`` buffer: each input is read once and the
+    difference is taken before accumulating, so nothing is lost to cancellation. A NaN or Inf in any input makes
+    the sum non-finite; only then are the tasks checked one by one, to name the culprit.
+
+    Example:
+        >>> sum_of_differences(torch.ones(2), [torch.full((2,), 3.0), torch.zeros(2)], weights=[1.0, 2.0])
+        tensor([0., 0.])
+    """
+    check_weights(weights, len(finetuned))
+    w0 = base.to(compute_dtype(base.dtype))
+    total, difference = torch.zeros_like(w0), torch.empty_like(w0)
+    for t, ft in enumerate(finetuned):
+        torch.sub(ft.to(w0.dtype), w0, out=difference)
+        total.add_(difference, alpha=1.0 if weights is None else float(weights[t]))
+    if not torch.isfinite(total.sum()):
+        bad = [t for t, ft in enumerate(finetuned) if not torch.isfinite(ft.to(w0.dtype) - w0).all()]
+        if bad:
+            raise ValueError(f"Expected finite task vectors, but `task_vectors{bad}` contain NaN or Inf.")
+    return total
 
 
 def trim_magnitude(deltas: Tensor, density: float) -> Tensor:
