@@ -229,6 +229,14 @@ def test_auto_falls_back_to_exact_when_the_sketch_has_not_converged():
     assert torch.allclose(auto[1], exact[1], rtol=1e-4)  # ... and it is accurate
 
 
+def test_auto_keeps_the_sketch_of_rank_deficient_tasks():
+    g = torch.Generator().manual_seed(3)
+    low = torch.stack([torch.randn(300, 8, generator=g) @ torch.randn(8, 200, generator=g) for _ in range(2)])
+    auto, exact = F.truncated_svd(low, 40, solver="auto"), F.truncated_svd(low, 40, solver="exact")
+    assert not torch.equal(auto[1], exact[1])  # rank 8 < k = 40: the round-off tail does not force the exact SVD
+    assert torch.allclose(auto[1][:, :8], exact[1][:, :8], rtol=1e-4)
+
+
 def test_auto_solver_rule():
     assert F.use_randomized(96, 768) and F.use_randomized(256, 2048)
     assert not F.use_randomized(384, 768)  # T = 2: half the rank, exact

@@ -23,7 +23,7 @@ def use_randomized(k: int, r: int, oversample: int = 10) -> bool:
     return r >= 64 and 4 * (k + oversample) <= r
 
 
-def converged(S: Tensor, k: int, niter: int, tol: float = SEPARATION_TOL) -> bool:
+def converged(S: Tensor, k: int, niter: int, tol: float = SEPARATION_TOL, zero_tol: float = 0.0) -> bool:
     """The second half of the ``"auto"`` rule: is a sketch's top-``k`` subspace trustworthy?
 
     The error of the randomized top-``k`` subspace shrinks like ``(s_q / s_k) ** (2 * niter + 1)`` (Halko, Martinsson,
@@ -31,10 +31,12 @@ def converged(S: Tensor, k: int, niter: int, tol: float = SEPARATION_TOL) -> boo
     component full weight when it orthogonalizes, so a component near the cut-off that the sketch got wrong moves the
     merge a lot: on power-law spectra (``s_i ~ 1/i``) randomized and exact TSV-M differ by 27-59% even with 4 power
     iterations (ratio**5 about 0.5 there), while on low-rank-plus-noise matrices they agree to 1e-4 (ratio**5 below
-    1e-5). Rank-deficient tasks (``s_k = 0``) are captured exactly.
+    1e-5). A task whose ``s_k`` is at most ``zero_tol * s_1`` has a numerical rank below ``k``: the sketch captured
+    its whole range (for example a dense LoRA update of rank 16 with ``k = 256``).
     """
     kth, last = S[..., k - 1], S[..., -1]
-    ratio = torch.where(kth > 0, last / kth.clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(kth))
+    deficient = kth <= zero_tol * S[..., 0]
+    ratio = torch.where(deficient, torch.zeros_like(kth), last / kth.clamp_min(torch.finfo(S.dtype).tiny))
     return bool((ratio ** (2 * niter + 1) <= tol).all())
 
 
@@ -76,7 +78,8 @@ def truncated_svd(
         U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
         return U[..., :k], S[..., :k], Vh[..., :k, :].mT
     U, S, V = _randomized_svd(matrices, min(k + oversample, r), niter, seed)
-    if solver == "auto" and not converged(S, k, niter):
+    zero_tol = max(matrices.shape[-2:]) ** 0.5 * torch.finfo(S.dtype).eps  # as in task_features
+    if solver == "auto" and not converged(S, k, niter, zero_tol=zero_tol):
         return truncated_svd(matrices, k, solver="exact")
     return U[..., :k], S[..., :k], V[..., :k]
 
