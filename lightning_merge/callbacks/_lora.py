@@ -17,11 +17,8 @@ result, and the same error on every rank if any), and rank zero writes ``merged_
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +26,7 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import save_file
 
+from lightning_merge.io import replace_folder_atomically
 from lightning_merge.lora import CONFIG_NAME, SAFETENSORS_NAME, LoraAdapter, check_lora_config, merge_adapters
 from lightning_merge.lora import _check_lora_method as check_lora_method
 from lightning_merge.lora import merge_into_base
@@ -100,20 +98,6 @@ def check_lora_fit(pl_module: pl.LightningModule, method: MergeMethod) -> bool:
     return True
 
 
-def _atomic_folder(folder: Path, write: Callable[[Path], Any]) -> None:
-    """``write`` into a temporary sibling folder, then swap it in place of ``folder`` (ours to replace)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_task_adapter(peft_model: Any, folder: Path) -> None:
     """Write the active adapter as a peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)."""
     from peft import get_peft_model_state_dict
@@ -128,7 +112,7 @@ def save_task_adapter(peft_model: Any, folder: Path) -> None:
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
 
-    _atomic_folder(folder, write)
+    replace_folder_atomically(folder, write)
 
 
 def fold_into_base(peft_model: Any, adapter: LoraAdapter) -> None:
@@ -158,7 +142,7 @@ def merge_lora_tasks(
     adapter = merge_adapters(method, task_dirs)
     if output is not None:
         if trainer.is_global_zero:
-            _atomic_folder(output, adapter.save)
+            replace_folder_atomically(output, adapter.save)
         trainer.strategy.barrier("MergeCallback.save_merged_adapter")
     fold_into_base(find_peft_model(pl_module), adapter)
     return adapter

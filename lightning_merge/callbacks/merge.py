@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -30,7 +29,7 @@ from lightning_merge.callbacks._lora import (
     save_task_adapter,
 )
 from lightning_merge.engine import MergePlan, plan_merge, shard_keys
-from lightning_merge.io import CheckpointSource, open_source, save_state_dict
+from lightning_merge.io import CheckpointSource, open_source, replace_folder_atomically, save_state_dict
 from lightning_merge.lora import LoraAdapter
 from lightning_merge.methods import MergeMethod, get_method
 
@@ -354,19 +353,14 @@ def _load_into(pl_module: pl.LightningModule, merged: Mapping[str, Tensor]) -> N
 
 def _atomic_save(state: Mapping[str, Tensor], folder: Path, *, heads: Mapping[str, Mapping[str, Tensor]] | None = None,
                  record: Mapping[str, Any] | None = None) -> None:
-    """Write into a temporary sibling folder, then swap it in place of ``folder`` (ours to replace)."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
+    """The state (and the heads and the record) as a folder of safetensors, swapped in place of ``folder``."""
+
+    def write(tmp: Path) -> None:
         save_state_dict(state, tmp)
         for task, head in (heads or {}).items():
             (tmp / "heads").mkdir(exist_ok=True)
             save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "heads" / f"{task}.safetensors"))
         if record is not None:
             (tmp / "merge_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    replace_folder_atomically(folder, write)

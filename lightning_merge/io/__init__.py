@@ -13,7 +13,13 @@ from lightning_merge.io.sources import (
     open_source,
     source_files,
 )
-from lightning_merge.io.writer import SafetensorsWriter, TensorSpec, save_state_dict, write_stream
+from lightning_merge.io.writer import (
+    SafetensorsWriter,
+    TensorSpec,
+    replace_folder_atomically,
+    save_state_dict,
+    write_stream,
+)
 
 __all__ = [
     "CheckpointSource",
@@ -25,6 +31,7 @@ __all__ = [
     "TensorSpec",
     "TorchFileSource",
     "open_source",
+    "replace_folder_atomically",
     "save_state_dict",
     "source_files",
     "write_stream",

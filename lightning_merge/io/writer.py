@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -226,3 +228,22 @@ def save_state_dict(
         )
     specs = specs_of(state)
     return write_stream(folder, specs, state.items(), max_shard_size=max_shard_size, metadata=metadata)
+
+
+def replace_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` into a temporary sibling of ``folder``, then swap it in place of ``folder``.
+
+    For folders this library owns (the callback's snapshots and merged outputs): an existing ``folder`` is replaced
+    only once the new one is complete, and an error leaves neither a temporary folder nor a half-written one.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
