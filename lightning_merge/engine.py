@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_merge.functional._checks import compute_dtype, finite_as
+from lightning_merge.functional._checks import finite_as
 from lightning_merge.io.sources import CheckpointSource, HFFolderSource, open_source, source_files
 from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_stream
 from lightning_merge.methods import MergeMethod, get_method
@@ -693,15 +693,13 @@ def task_matrices(
     """Stream ``(key, M)``: the merged task matrix of each key with scaling 1, for ``W(lam) = W0 + lam * M``.
 
     Computed once per method, it lets a scaling search try every ``lam`` without merging again
-    (see :func:`lightning_merge.evaluation.search_scaling`). Differences are taken in float32 (float64 for
-    float64 inputs); ``M`` is returned on CPU in that dtype.
+    (see :func:`lightning_merge.evaluation.search_scaling`): :meth:`MergeMethod.merged_delta` with scaling 1, on
+    CPU, in float32 (float64 for float64 inputs).
     """
     if not isinstance(method, MergeMethod):
         raise TypeError(f"Expected argument `method` to be a MergeMethod, but got {type(method).__name__}.")
     _check_sources(base, finetuned)
     unit, device = method.with_scaling(1.0), _resolve_device(device)
     for key in keys:
-        w0 = base.get_tensor(key, device)
-        cdt = compute_dtype(w0.dtype)
-        deltas = [ft.get_tensor(key, device).to(cdt) - w0.to(cdt) for ft in finetuned]
-        yield key, unit.merge(deltas).cpu()
+        tuned = [ft.get_tensor(key, device) for ft in finetuned]
+        yield key, unit.merged_delta(base.get_tensor(key, device), tuned).cpu()

@@ -68,9 +68,15 @@ class MergeMethod(ABC):
         return dataclasses.replace(self, scaling=scaling)
 
     def __call__(self, base: Tensor, finetuned: Sequence[Tensor]) -> Tensor:
-        """The merged parameter ``W0 + scaling * M`` from the base and the fine-tuned tensors, in the base's dtype.
+        """The merged parameter ``W0 + scaling * M`` from the base and the fine-tuned tensors, in the base's dtype."""
+        w0 = base.to(compute_dtype(base.dtype)) if isinstance(base, Tensor) and base.is_floating_point() else base
+        return finite_as(w0 + self.merged_delta(base, finetuned), base.dtype)
 
-        Differences are taken in float32 (float64 for float64 inputs), so bf16 weights lose nothing to cancellation.
+    def merged_delta(self, base: Tensor, finetuned: Sequence[Tensor]) -> Tensor:
+        """``scaling * M`` from the base and the fine-tuned tensors, in float32 (float64 for float64 inputs).
+
+        Differences are taken in that dtype, so bf16 weights lose nothing to cancellation. With ``scaling`` 1 this is
+        the ``M`` of a scaling search (:func:`lightning_merge.engine.task_matrices`).
         """
         if not isinstance(base, Tensor):
             raise TypeError(f"Expected argument `base` to be a torch.Tensor, but got {type(base).__name__}.")
@@ -84,7 +90,7 @@ class MergeMethod(ABC):
         if not finetuned:
             raise ValueError("Expected argument `finetuned` to hold at least one tensor, but got an empty sequence.")
         w0 = base.to(compute_dtype(base.dtype) if base.is_floating_point() else torch.float32)
-        return finite_as(w0 + self._merged_delta(w0, finetuned), base.dtype)
+        return self._merged_delta(w0, finetuned)
 
     def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
         # The differences go into one (T, *shape) buffer, written in place: no list of copies, then a stack.

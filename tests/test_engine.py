@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import lightning_merge
 from lightning_merge import engine
-from lightning_merge.engine import MergePlan, merge_checkpoints, merge_keys, plan_merge, shard_keys
+from lightning_merge import functional as F
+from lightning_merge.engine import MergePlan, merge_checkpoints, merge_keys, plan_merge, shard_keys, task_matrices
 from lightning_merge.io import open_source
 from lightning_merge.methods import METHODS, TaskArithmetic, get_method
 
@@ -365,3 +366,17 @@ def test_engine_imports_without_lightning():
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert engine.RECORD_FILE == "merge_record.json"
+
+
+@pytest.mark.parametrize("name", ["task_arithmetic", "tsv_m", "sftm"])
+def test_task_matrices_give_m_once_for_every_scaling(name):
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(12, 10, generator=g), "b": torch.randn(10, generator=g)}
+    tuned = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    method = get_method(name, scaling=0.4)
+    sources = [open_source(t, label=f"t{i}") for i, t in enumerate(tuned)]
+    m = dict(task_matrices(method, open_source(base), sources, ["w", "b"]))
+    for key in base:  # M from the functional core on the differences, and W0 + lam * M as the method merges at lam
+        expected = getattr(F, name)([t[key] - base[key] for t in tuned], scaling=1.0)
+        assert torch.allclose(m[key], expected, atol=1e-6)
+        assert torch.allclose(base[key] + 0.4 * m[key], method(base[key], [t[key] for t in tuned]), atol=1e-6)
