@@ -18,6 +18,7 @@ SVD-based polar factor of the concatenated U and V (TSV-M), or the SFTM system s
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -101,9 +102,24 @@ def bench_shape(shape, T, noise, repeats, seed, signal_rank=None, power_law=Fals
         t_exact, exact = median_time(lambda o=ours: o(deltas, solver="exact"), repeats)
         t_auto, auto = median_time(lambda o=ours: o(deltas, solver="auto"), repeats)
         row[name] = (t_base, t_exact, t_auto, rel_err(exact, ref), rel_err(auto, ref))
-    U, S, V = F.truncated_svd(deltas, k, solver="randomized")
-    solver = "randomized" if F.use_randomized(k, min(shape)) and F.converged(S, k, 2) else "exact"
-    return row, solver
+    return row, auto_choice(deltas, k)
+
+
+def auto_choice(deltas, k):
+    """What solver="auto" did, from the package's debug log: "rand/p" (a sketch of p products kept) or "exact"."""
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logger = logging.getLogger("lightning_merge.functional.svd")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        F.truncated_svd(deltas, k, solver="auto")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    kept = [r.args[1] for r in records if len(r.args) == 3 and r.args[2] is True]
+    return f"rand/{kept[0]}" if kept else "exact"
 
 
 def main():

@@ -237,6 +237,57 @@ def test_auto_keeps_the_sketch_of_rank_deficient_tasks():
     assert torch.allclose(auto[1][:, :8], exact[1][:, :8], rtol=1e-4)
 
 
+def gapped_tasks(T, n, k, ratio, seed=0):
+    """T square tasks: k signal components (1 down to 0.03), plus noise whose largest singular value is
+    ratio * s_k, so the sketch's separation s_q / s_k is about ``ratio``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(T):
+        u, v = (torch.linalg.qr(torch.randn(n, k, generator=g, dtype=f64)).Q for _ in range(2))
+        s = torch.logspace(0, -1.5, k, dtype=f64)
+        noise = torch.randn(n, n, generator=g, dtype=f64)
+        out.append((u * s) @ v.T + noise * (ratio * s[-1] / torch.linalg.matrix_norm(noise, ord=2)))
+    return torch.stack(out).float()
+
+
+def products_taken(caplog):
+    accepted = [r.args[1] for r in caplog.records if r.msg.startswith("randomized SVD") and r.args[2] is True]
+    return accepted[0] if accepted else None
+
+
+@pytest.mark.parametrize("ratio", [0.005, 0.02, 0.05, 0.1, 0.2, 0.4])
+def test_auto_tsv_m_stays_within_1e_3_of_exact_across_spectral_gaps(ratio, caplog):
+    # The guard's promise, measured on the method it protects: whatever auto keeps, TSV-M (the most sensitive
+    # merge: its polar step weights every kept component fully) moves by less than 1e-3.
+    deltas = gapped_tasks(8, 256, 32, ratio)  # k = r / T = 32
+    with caplog.at_level("DEBUG", logger="lightning_merge.functional.svd"):
+        auto = F.tsv_m(deltas, solver="auto")
+    assert rel(auto, F.tsv_m(deltas, solver="exact")) < 1e-3
+    if ratio <= 0.005:  # a clear gap: accepted after 3 products, the cheapest test
+        assert products_taken(caplog) == 3
+    if ratio >= 0.4:  # (0.4 ** 5 = 1e-2 > 1e-4): nothing to keep, exact
+        assert products_taken(caplog) is None
+
+
+def test_randomized_solver_takes_2_niter_plus_2_products(caplog):
+    x = gapped_tasks(2, 256, 20, 0.01)
+    with caplog.at_level("DEBUG", logger="lightning_merge.functional.svd"):
+        for niter in (0, 1, 2):
+            caplog.clear()
+            U, S, V = F.truncated_svd(x, 20, solver="randomized", niter=niter)
+            assert products_taken(caplog) == 2 * niter + 2
+            exact = F.truncated_svd(x, 20, solver="exact")[1]
+            assert torch.allclose(S, exact, rtol=1e-3)  # even niter=0 is close on a gap this wide
+            eye = torch.eye(20).expand(2, 20, 20)
+            assert torch.allclose(U.mT @ U, eye, atol=1e-5) and torch.allclose(V.mT @ V, eye, atol=1e-5)
+
+
+@pytest.mark.parametrize("niter", [-1, 1.5, True])
+def test_bad_niter_is_refused(niter):
+    with pytest.raises(ValueError, match=f"`niter`.*{niter!r}"):
+        F.truncated_svd(torch.randn(80, 80), 4, solver="randomized", niter=niter)
+
+
 def test_auto_solver_rule():
     assert F.use_randomized(96, 768) and F.use_randomized(256, 2048)
     assert not F.use_randomized(384, 768)  # T = 2: half the rank, exact
