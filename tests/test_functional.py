@@ -113,6 +113,25 @@ def test_orthogonalized_bases_have_orthonormal_columns():
         assert float(F.sti(U, s, V)) > 0  # the raw bases do interfere
 
 
+@pytest.mark.parametrize("conditioning", ["well", "ill"])
+def test_float32_polar_factor_of_tall_matrices_matches_float64_reference(conditioning):
+    # Tall float32 inputs with a well-conditioned Gram take the float32 eigendecomposition; an ill-conditioned
+    # one (two nearly parallel columns) must be screened out and take the float64 path: both match the float64
+    # SVD-based polar factor of the same float32 numbers.
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linalg.qr(torch.randn(600, 25, generator=g)).Q for _ in range(4)], 1)
+    if conditioning == "ill":
+        x[:, 1] = x[:, 0] + 1e-4 * x[:, 1]
+    reference = ref.polar_svd(x.to(f64))
+    q = F.orthogonalize(x)
+    assert q.dtype == torch.float32
+    assert rel(q, reference) < 1e-5
+    assert float((q.to(f64).T @ q.to(f64) - torch.eye(100, dtype=f64)).abs().max()) < 1e-5
+    from lightning_merge.functional.svd import WELL_CONDITIONED, _well_conditioned_polar
+
+    assert (_well_conditioned_polar(x, WELL_CONDITIONED) is None) == (conditioning == "ill")
+
+
 @pytest.mark.parametrize("T", [2, 4])
 def test_sftm_constraint_residual_is_round_off(T):
     deltas = [torch.randn(24, 20, dtype=f64) for _ in range(T)]
