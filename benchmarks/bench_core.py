@@ -76,26 +76,41 @@ def baseline_tsv_m(deltas, k):
 def baseline_sftm(deltas, k):
     U, s, V = _features_full_svd(deltas, k)
     a = (U.double().T @ U.double()) * (V.double().T @ V.double())
-    alpha = torch.linalg.lstsq(a, s.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    if a.is_cuda:  # CUDA's lstsq has no minimum-norm driver: the SVD-based pseudo-inverse instead
+        alpha = torch.linalg.pinv(a) @ s.double()
+    else:
+        alpha = torch.linalg.lstsq(a, s.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
     return (U * alpha.float()) @ V.T
 
 
 def median_time(fn, repeats):
     times, out = [], None
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         out = fn()
+        _sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def rel_err(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def bench_shape(shape, T, noise, repeats, seed, signal_rank=None, power_law=False):
+def bench_shape(shape, T, noise, repeats, seed, signal_rank=None, power_law=False, device="cpu"):
     k = max(1, min(shape) // T)
     deltas = power_law_tasks(shape, T, seed) if power_law else realistic_tasks(shape, T, noise, seed, signal_rank or k)
+    deltas = deltas.to(device)
+    if device != "cpu":  # warm-up: CUDA contexts, cuSOLVER handles and kernels load on first use
+        for fn in (baseline_tsv_m, baseline_sftm):
+            fn(deltas, k)
+        F.tsv_m(deltas), F.sftm(deltas), F.tsv_m(deltas, solver="exact")
     row = {}
     for name, base, ours in (("tsv_m", baseline_tsv_m, F.tsv_m), ("sftm", baseline_sftm, F.sftm)):
         t_base, ref = median_time(lambda b=base: b(deltas, k), repeats)
@@ -128,17 +143,19 @@ def main():
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--noise", type=float, default=1e-3)
     parser.add_argument("--models", nargs="*", default=["vit_b32", "decoder_2l"])
+    parser.add_argument("--device", default="cpu", help="where the tensors live and both sides run (e.g. cuda)")
+    parser.add_argument("--skip-sensitivity", action="store_true", help="only the model tables")
     args = parser.parse_args()
     models = {"vit_b32": VIT_B32, "decoder_2l": DECODER_2L}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, T={args.tasks}, noise={args.noise}, "
-          f"median of {args.repeats}")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, T={args.tasks}, noise={args.noise}, median of {args.repeats}")
     header = (f"{'model':<11}{'shape':>12}{'n':>4}{'method':>7}{'solver':>11}{'base s':>9}{'exact s':>9}"
               f"{'auto s':>8}{'x exact':>8}{'x auto':>8}{'err exact':>11}{'err auto':>10}")
     for model in args.models:
         print(header)
         totals = {m: [0.0, 0.0, 0.0, 0.0] for m in ("tsv_m", "sftm")}
         for i, (shape, count) in enumerate(models[model].items()):
-            row, solver = bench_shape(shape, args.tasks, args.noise, args.repeats, seed=i)
+            row, solver = bench_shape(shape, args.tasks, args.noise, args.repeats, seed=i, device=args.device)
             for method, (tb, te, ta, ee, ea) in row.items():
                 totals[method] = [totals[method][0] + count * tb, totals[method][1] + count * te,
                                   totals[method][2] + count * ta, max(totals[method][3], ea)]
@@ -148,11 +165,13 @@ def main():
             print(f"{model:<11}{'TOTAL':>12}{'':>4}{method:>7}{'':>11}{tb:9.1f}{te:9.1f}{ta:8.1f}"
                   f"{tb / te:8.2f}{tb / ta:8.2f}{'':>11}{ea:10.1e}")
         print()
+    if args.skip_sensitivity:
+        return
     for title, kwargs in (("effective rank 32 < k (the kept tail is noise)", {"signal_rank": 32}),
                           ("power-law spectrum s_i = 1/i (no gap at k): auto falls back to exact", {"power_law": True})):
         print(f"sensitivity: {title}")
         print(header)
-        row, solver = bench_shape((768, 768), args.tasks, args.noise, 1, seed=99, **kwargs)
+        row, solver = bench_shape((768, 768), args.tasks, args.noise, 1, seed=99, device=args.device, **kwargs)
         for method, (tb, te, ta, ee, ea) in row.items():
             print(f"{'vit_b32':<11}{str((768, 768)):>12}{1:>4}{method:>7}{solver:>11}{tb:9.3f}{te:9.3f}{ta:8.3f}"
                   f"{tb / te:8.2f}{tb / ta:8.2f}{ee:11.1e}{ea:10.1e}")

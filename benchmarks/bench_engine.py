@@ -10,7 +10,10 @@ in a fresh subprocess that reports its wall time and peak resident memory (``VmH
 - ``naive_tsv_m`` / ``naive_task_arithmetic``: the straightforward approach: ``safetensors.torch.load_file``
   every checkpoint, build all ``T`` task-vector dicts, merge in memory with the same method object,
   ``save_file``. Its ``core`` column is the merge time alone, on tensors already in memory;
-- ``io_floor``: read every tensor of every input once through the same sources, nothing else;
+- ``engine_task_arithmetic_nohash``: the same without the sha256 of the inputs (``hash_inputs=False``);
+- ``io_floor``: every byte of every input tensor read once: ``safetensors``' own reader maps each tensor
+  (``safe_open(...).get_tensor`` copies nothing) and one ``copy_`` into a reused buffer reads it; nothing else;
+- ``hash_inputs``: the sha256 of every input file alone (what the record's hashes cost);
 - ``import``: the interpreter with torch and lightning_merge imported (the memory floor).
 
 Inputs are read from the page cache (they were just written), the same for every variant.
@@ -37,7 +40,8 @@ from pathlib import Path
 import torch
 
 WIDTH, MLP, OUT_DIM, PATCH, TOKENS = 768, 3072, 512, 32, 50
-VARIANTS = ("import", "io_floor", "engine_task_arithmetic", "naive_task_arithmetic", "engine_tsv_m", "naive_tsv_m")
+VARIANTS = ("import", "io_floor", "hash_inputs", "engine_task_arithmetic", "engine_task_arithmetic_nohash",
+            "naive_task_arithmetic", "engine_tsv_m", "naive_tsv_m")
 
 
 def vit_b32_state(blocks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -93,20 +97,34 @@ def make_inputs(folder: Path, tasks: int, blocks: int) -> tuple[Path, list[Path]
 
 
 def _io_floor(base: Path, tasks: list[Path]) -> dict[str, float]:
-    from lightning_merge.io import open_source
+    from safetensors import safe_open
 
-    total = 0
+    total, buffer = 0, torch.empty(0, dtype=torch.uint8)
     for path in [base, *tasks]:
-        source = open_source(path)
-        for key in source.keys():
-            total += source.get_tensor(key).numel()
-    return {"numel": float(total)}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                data = f.get_tensor(key).reshape(-1).view(torch.uint8)  # get_tensor maps; this copy reads
+                if buffer.numel() < data.numel():
+                    buffer = torch.empty(data.numel(), dtype=torch.uint8)
+                buffer[: data.numel()].copy_(data)
+                total += data.numel()
+    return {"bytes": float(total)}
 
 
-def _engine(method_name: str, base: Path, tasks: list[Path], out: Path) -> dict[str, float]:
+def _hash_inputs(base: Path, tasks: list[Path]) -> dict[str, float]:
+    from lightning_merge.engine import sha256_file
+
+    for path in [base, *tasks]:
+        sha256_file(path)
+    return {}
+
+
+def _engine(variant: str, base: Path, tasks: list[Path], out: Path) -> dict[str, float]:
     from lightning_merge.engine import merge_checkpoints
 
-    merge_checkpoints(method_name, base, tasks, out, overwrite=True, progress=False)
+    method_name = variant.removesuffix("_nohash")
+    merge_checkpoints(method_name, base, tasks, out, overwrite=True, progress=False,
+                      hash_inputs=not variant.endswith("_nohash"))
     return {}
 
 
@@ -133,6 +151,8 @@ def run_child(variant: str, base: Path, tasks: list[Path], out: Path) -> None:
     extra: dict[str, float] = {}
     if variant == "io_floor":
         extra = _io_floor(base, tasks)
+    elif variant == "hash_inputs":
+        extra = _hash_inputs(base, tasks)
     elif variant.startswith("engine_"):
         extra = _engine(variant.removeprefix("engine_"), base, tasks, out)
     elif variant.startswith("naive_"):
@@ -204,6 +224,10 @@ def check_targets(
         checks.append((f"engine task arithmetic {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s", ta <= 2 * floor))
         checks.append((f"engine task arithmetic {ta:.2f} s <= core in memory + 2 x I/O floor = {core + 2 * floor:.2f} s",
                        ta <= core + 2 * floor))
+    if "engine_task_arithmetic_nohash" in results:
+        ta = med("engine_task_arithmetic_nohash")
+        checks.append((f"engine task arithmetic without input hashes {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s",
+                       ta <= 2 * floor))
     if "engine_tsv_m" in results:
         tsv, core = med("engine_tsv_m"), med("naive_tsv_m", "core_s")
         checks.append((f"engine TSV-M {tsv:.2f} s <= core in memory + I/O floor = {core + floor:.2f} s", tsv <= core + floor))
@@ -227,7 +251,9 @@ def main() -> None:
     try:
         base, tasks = make_inputs(folder, args.tasks, args.blocks)
         input_bytes = sum(p.stat().st_size for p in [base, *tasks])
-        wanted = ("import", "io_floor", *(f"{kind}_{m}" for m in args.methods for kind in ("engine", "naive")))
+        wanted = ("import", "io_floor", "hash_inputs",
+                  *(f"{kind}_{m}" for m in args.methods for kind in ("engine", "naive")),
+                  *(["engine_task_arithmetic_nohash"] if "task_arithmetic" in args.methods else []))
         results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS if v in wanted}
         for repeat in range(args.repeats):
             for variant in results:

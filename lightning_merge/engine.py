@@ -26,6 +26,7 @@ import hashlib
 import heapq
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -479,12 +480,15 @@ class MergeRecord:
         return path
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 2**22) -> str:
-    """The sha256 hex digest of a file, read in chunks."""
+def sha256_file(path: str | os.PathLike, chunk_size: int = 2**24) -> str:
+    """The sha256 hex digest of a file, hashed straight from memory maps of ``chunk_size`` bytes (no copy into
+    Python buffers; each chunk is unmapped once hashed, so the file never becomes resident in this process)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
+        size = os.fstat(f.fileno()).st_size
+        for start in range(0, size, chunk_size):
+            with mmap.mmap(f.fileno(), min(chunk_size, size - start), offset=start, access=mmap.ACCESS_READ) as m:
+                digest.update(m)
     return digest.hexdigest()
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 import pickle
 from pathlib import Path
@@ -63,6 +65,48 @@ def test_safetensors_source_round_trips(tmp_path, state):
     assert isinstance(source, SafetensorsSource)
     assert source.name == str(tmp_path / "w.safetensors")
     assert_same(source, state)
+
+
+def test_safetensors_reads_are_private_maps(tmp_path, state):
+    # get_tensor maps the file copy-on-write: the caller owns what it gets, a write reaches neither the file nor
+    # the next read, and the map goes away with the tensor.
+    path = tmp_path / "w.safetensors"
+    save_file(state, str(path))
+    before = path.read_bytes()
+    source = open_source(path)
+    tensor = source.get_tensor("enc.weight")
+    tensor.mul_(-7.0).add_(1.0)
+    assert path.read_bytes() == before
+    assert torch.equal(source.get_tensor("enc.weight"), state["enc.weight"])
+    maps = lambda: sum(str(path) in line for line in Path("/proc/self/maps").read_text().splitlines())  # noqa: E731
+    if Path("/proc/self/maps").exists():
+        held = maps()
+        del tensor
+        assert maps() == held - 1
+
+
+def test_misaligned_safetensors_tensor_is_copied_out(tmp_path):
+    # A hand-made file whose float32 data starts at an odd offset (as files from before safetensors aligned its
+    # data may): read by copying, still exact.
+    values = torch.arange(6, dtype=torch.float32)
+    header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "b": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\x05" + values.numpy().tobytes())
+    source = open_source(path)
+    assert torch.equal(source.get_tensor("b"), values.view(2, 3))
+    assert source.get_tensor("a").tolist() == [5]
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 3 * 4096 + 7])
+def test_sha256_file_matches_hashlib(tmp_path, size):
+    from lightning_merge.engine import sha256_file
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(size))
+    assert sha256_file(path, chunk_size=mmap.ALLOCATIONGRANULARITY) == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("name", ["w.pt", "pytorch_model.bin", "w.pth"])

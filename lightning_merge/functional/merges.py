@@ -87,8 +87,13 @@ def sum_of_differences(base: Tensor, finetuned: Sequence[Tensor], weights: Seque
     """
     check_weights(weights, len(finetuned))
     w0 = base.to(compute_dtype(base.dtype))
-    total, difference = torch.zeros_like(w0), torch.empty_like(w0)
-    for t, ft in enumerate(finetuned):
+    if not finetuned:
+        return torch.zeros_like(w0)
+    total = torch.sub(finetuned[0].to(w0.dtype), w0)
+    if weights is not None:
+        total.mul_(float(weights[0]))
+    difference = torch.empty_like(w0) if len(finetuned) > 1 else total
+    for t, ft in enumerate(finetuned[1:], start=1):
         torch.sub(ft.to(w0.dtype), w0, out=difference)
         total.add_(difference, alpha=1.0 if weights is None else float(weights[t]))
     if not torch.isfinite(total.sum()):

@@ -5,8 +5,8 @@ come from file headers where the format has them (safetensors), so planning a me
 
 Formats:
     - :class:`StateDictSource`: an in-memory ``{key: Tensor}``.
-    - :class:`SafetensorsSource`: one ``.safetensors`` file, opened per read with ``safetensors.safe_open`` so
-      at most one tensor's pages are mapped at a time.
+    - :class:`SafetensorsSource`: one ``.safetensors`` file; each tensor is a private memory map of its bytes
+      that lives as long as the tensor (no copy).
     - :class:`TorchFileSource`: a Lightning ``.ckpt`` (its ``"state_dict"``), or a plain ``torch.save`` state
       dict such as ``pytorch_model.bin``, loaded with ``weights_only=True`` (and ``mmap=True`` when the file
       allows): a file that needs arbitrary code to unpickle is refused, never executed.
@@ -26,8 +26,10 @@ Example:
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import pickle
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -211,10 +213,14 @@ def _existing_file(path: str | os.PathLike, what: str) -> Path:
 
 
 class SafetensorsSource(_MappedSource):
-    """One ``.safetensors`` file. Shapes and dtypes come from its header; each read opens and closes the file.
+    """One ``.safetensors`` file. Shapes and dtypes come from its header (validated by ``safetensors`` once).
 
-    Opening per read keeps memory bounded: the file's pages are mapped only while one tensor is copied out, so
-    reading every key of a large file does not leave the whole file resident in this process.
+    ``get_tensor`` returns a private copy-on-write memory map of the tensor's bytes (``MAP_PRIVATE`` through
+    ``torch.UntypedStorage.from_file``): nothing is copied until the caller writes, a write never reaches the
+    file, and the mapping lives exactly as long as the tensor, so reading every key of a large file keeps only
+    the tensors still referenced resident. Reading a tensor is thus the page-cache (or disk) read itself, with
+    no extra pass to copy it out. Tensors whose offset is not a multiple of their element size (files from
+    before safetensors aligned its data) are copied out instead.
     """
 
     def __init__(
@@ -226,6 +232,8 @@ class SafetensorsSource(_MappedSource):
     ) -> None:
         self.path = _existing_file(path, ".safetensors")
         self._meta = _read_safetensors_header(self.path)
+        self._data_start, self._offsets = _safetensors_offsets(self.path)
+        self._size = self.path.stat().st_size
         super().__init__(str(self.path), list(self._meta), prefix, add_prefix)
 
     def _shape(self, stored: str) -> tuple[int, ...]:
@@ -235,8 +243,33 @@ class SafetensorsSource(_MappedSource):
         return self._meta[stored][1]
 
     def _read(self, stored: str) -> Tensor:
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_tensor(stored)
+        shape, dtype = self._meta[stored]
+        begin, end = self._offsets[stored]
+        start = self._data_start + begin
+        if end == begin or start % dtype.itemsize:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(stored)
+        storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self._size)
+        tensor = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
+        _touch_pages(tensor)
+        return tensor
+
+
+def _touch_pages(tensor: Tensor) -> None:
+    # Read one byte of every page, so that the page faults (and any disk read) happen here, in the reading
+    # thread (the engine's prefetch thread), not in the first arithmetic on the tensor.
+    torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage(), tensor.storage_offset() * tensor.itemsize,
+                                          (tensor.nbytes,))[:: mmap.PAGESIZE].sum()
+
+
+def _safetensors_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
+    """The byte offset of a safetensors file's data section and ``{key: (begin, end)}`` within it (the file was
+    validated by ``safe_open`` first)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items()}
 
 
 def _read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
