@@ -1,6 +1,6 @@
 """TSV-M and SFTM: the merge core against a straightforward implementation of the published algorithms.
 
-    python benchmarks/bench_core.py [--repeats 3] [--tasks 8] [--noise 1e-3]
+    python benchmarks/bench_core.py [--repeats 3] [--tasks 8] [--noise 1e-3] [--device cuda] [--skip-sensitivity]
 
 Task matrices are low effective rank plus noise: `k = r / T` components (the kept budget) whose singular values
 decay log-uniformly from 1 to 0.03, plus i.i.d. Gaussian noise holding `--noise` of the Frobenius norm. A last
@@ -12,7 +12,9 @@ back to the exact solver (the "solver" column is what "auto" ends up using). Eve
 distinct parameter shape is timed `--repeats` times (median); a model's total is the sum over its layers of the
 median of their shape. The baseline is written here, independently of the package: a full SVD per task, then the
 SVD-based polar factor of the concatenated U and V (TSV-M), or the SFTM system solved with `torch.linalg.lstsq`
-(gelsd, float64). "ours" is the package with the exact solver and with solver="auto" (what users get).
+(gelsd, float64; `pinv` on CUDA, whose lstsq has no minimum-norm driver). "ours" is the package with the exact
+solver and with solver="auto" (what users get). A last table sweeps the spectral gap and prints what "auto" keeps
+and how far TSV-M then is from TSV-M with exact SVDs.
 """
 
 from __future__ import annotations
@@ -81,6 +83,31 @@ def baseline_sftm(deltas, k):
     else:
         alpha = torch.linalg.lstsq(a, s.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
     return (U * alpha.float()) @ V.T
+
+
+def gapped_tasks(shape, T, k, ratio, seed=0):
+    """Signal as in realistic_tasks, plus noise whose largest singular value is ratio * s_k."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    out = []
+    for _ in range(T):
+        u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+        v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+        s = torch.logspace(0, -1.5, k)
+        eps = torch.randn(m, n, generator=g)
+        out.append((u * s) @ v.T + eps * (ratio * s[-1] / torch.linalg.matrix_norm(eps, ord=2)))
+    return torch.stack(out)
+
+
+def guard_sweep(T=8, shape=(768, 768), ratios=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)):
+    """What "auto" keeps as the spectral gap closes, and how far TSV-M then is from TSV-M with exact SVDs."""
+    print("guard sweep: TSV-M through auto against TSV-M with the exact SVD (768 x 768, T = 8)")
+    print(f"{'ratio':>7}{'auto':>9}{'rel. diff.':>12}")
+    k = min(shape) // T
+    for ratio in ratios:
+        deltas = gapped_tasks(shape, T, k, ratio)
+        print(f"{ratio:7.3f}{auto_choice(deltas, k):>9}{rel_err(F.tsv_m(deltas), F.tsv_m(deltas, solver='exact')):12.1e}",
+              flush=True)
 
 
 def median_time(fn, repeats):
@@ -167,6 +194,7 @@ def main():
         print()
     if args.skip_sensitivity:
         return
+    guard_sweep()
     for title, kwargs in (("effective rank 32 < k (the kept tail is noise)", {"signal_rank": 32}),
                           ("power-law spectrum s_i = 1/i (no gap at k): auto falls back to exact", {"power_law": True})):
         print(f"sensitivity: {title}")
