@@ -32,16 +32,20 @@ VIT_B32 = {(2304, 768): 12, (768, 768): 12, (3072, 768): 12, (768, 3072): 12}  #
 DECODER_2L = {(2048, 2048): 8, (5632, 2048): 4, (2048, 5632): 2}  # q k v o; gate up; down
 
 
-def realistic_tasks(shape, T, noise, seed, rank):
+def realistic_tasks(shape, T, noise, seed, rank, gap=None):
+    """T tasks: ``rank`` signal components decaying log-uniformly from 1 to 0.03, plus Gaussian noise holding
+    ``noise`` of the Frobenius norm, or, with ``gap``, noise whose largest singular value is ``gap * s_rank``."""
     g = torch.Generator().manual_seed(seed)
     m, n = shape
     out = []
     for _ in range(T):
         u = torch.linalg.qr(torch.randn(m, rank, generator=g)).Q
         v = torch.linalg.qr(torch.randn(n, rank, generator=g)).Q
-        signal = (u * torch.logspace(0, -1.5, rank)) @ v.T
+        s = torch.logspace(0, -1.5, rank)
+        signal = (u * s) @ v.T
         eps = torch.randn(m, n, generator=g)
-        out.append(signal + eps * (noise * signal.norm() / eps.norm()))
+        scale = noise * signal.norm() / eps.norm() if gap is None else gap * s[-1] / torch.linalg.matrix_norm(eps, ord=2)
+        out.append(signal + eps * scale)
     return torch.stack(out)
 
 
@@ -85,27 +89,13 @@ def baseline_sftm(deltas, k):
     return (U * alpha.float()) @ V.T
 
 
-def gapped_tasks(shape, T, k, ratio, seed=0):
-    """Signal as in realistic_tasks, plus noise whose largest singular value is ratio * s_k."""
-    g = torch.Generator().manual_seed(seed)
-    m, n = shape
-    out = []
-    for _ in range(T):
-        u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
-        v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
-        s = torch.logspace(0, -1.5, k)
-        eps = torch.randn(m, n, generator=g)
-        out.append((u * s) @ v.T + eps * (ratio * s[-1] / torch.linalg.matrix_norm(eps, ord=2)))
-    return torch.stack(out)
-
-
 def guard_sweep(T=8, shape=(768, 768), ratios=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)):
     """What "auto" keeps as the spectral gap closes, and how far TSV-M then is from TSV-M with exact SVDs."""
     print("guard sweep: TSV-M through auto against TSV-M with the exact SVD (768 x 768, T = 8)")
     print(f"{'ratio':>7}{'auto':>9}{'rel. diff.':>12}")
     k = min(shape) // T
     for ratio in ratios:
-        deltas = gapped_tasks(shape, T, k, ratio)
+        deltas = realistic_tasks(shape, T, None, 0, k, gap=ratio)
         print(f"{ratio:7.3f}{auto_choice(deltas, k):>9}{rel_err(F.tsv_m(deltas), F.tsv_m(deltas, solver='exact')):12.1e}",
               flush=True)
 
