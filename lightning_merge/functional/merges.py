@@ -92,7 +92,7 @@ def sum_of_differences(base: Tensor, finetuned: Sequence[Tensor], weights: Seque
     total = torch.sub(finetuned[0].to(w0.dtype), w0)
     if weights is not None:
         total.mul_(float(weights[0]))
-    difference = torch.empty_like(w0) if len(finetuned) > 1 else total
+    difference = torch.empty_like(w0) if len(finetuned) > 1 else None
     for t, ft in enumerate(finetuned[1:], start=1):
         torch.sub(ft.to(w0.dtype), w0, out=difference)
         total.add_(difference, alpha=1.0 if weights is None else float(weights[t]))

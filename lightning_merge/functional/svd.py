@@ -101,7 +101,7 @@ def truncated_svd(
     if found is None:
         log.debug("truncated_svd(k=%d) of %s: the sketch did not converge, exact SVD", k, tuple(matrices.shape))
         return truncated_svd(matrices, k, solver="exact")
-    return found[0], found[1][..., :k], found[2]
+    return found
 
 
 def _randomized_svd(
@@ -132,14 +132,15 @@ def _randomized_svd(
         if passes in checks:
             Qp, Rp = torch.linalg.qr(product)
             W, S, Hh = torch.linalg.svd(Rp.mT if odd else Rp)
-            if odd:  # basis Z^T = basis Rp^T Qp^T = (basis W) S (Qp Hh^T)^T
-                found = basis @ W[..., :k], S, Qp @ Hh.mT[..., :k]
-            else:  # Y P^T = Qp Rp P^T = (Qp W) S (P Hh^T)^T
-                found = Qp @ W[..., :k], S, basis @ Hh.mT[..., :k]
             accept = verdict(S, passes)
             log.debug("randomized SVD of %s: %d products, accepted: %s", tuple(x.shape), passes, accept)
-            if accept or accept is None:
-                return found if accept else None
+            if accept is None:
+                return None
+            if accept:
+                W, Hh, S = W[..., :k], Hh.mT[..., :k], S[..., :k]
+                if odd:  # basis Z^T = basis Rp^T Qp^T = (basis W) S (Qp Hh^T)^T
+                    return basis @ W, S, Qp @ Hh
+                return Qp @ W, S, basis @ Hh  # Y P^T = Qp Rp P^T = (Qp W) S (P Hh^T)^T
         if passes == checks[-1]:
             break
         basis = Qp if passes in checks else _basis(product, householder=passes + 1 in checks)

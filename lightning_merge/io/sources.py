@@ -231,8 +231,7 @@ class SafetensorsSource(_MappedSource):
         add_prefix: str | None = None,
     ) -> None:
         self.path = _existing_file(path, ".safetensors")
-        self._meta = _read_safetensors_header(self.path)
-        self._data_start, self._offsets = _safetensors_offsets(self.path)
+        self._meta, self._data_start, self._offsets = _read_safetensors_header(self.path)
         self._size = self.path.stat().st_size
         super().__init__(str(self.path), list(self._meta), prefix, add_prefix)
 
@@ -258,28 +257,24 @@ class SafetensorsSource(_MappedSource):
 def _touch_pages(tensor: Tensor) -> None:
     # Read one byte of every page, so that the page faults (and any disk read) happen here, in the reading
     # thread (the engine's prefetch thread), not in the first arithmetic on the tensor.
-    torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage(), tensor.storage_offset() * tensor.itemsize,
-                                          (tensor.nbytes,))[:: mmap.PAGESIZE].sum()
+    tensor.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
 
 
-def _safetensors_offsets(path: Path) -> tuple[int, dict[str, tuple[int, int]]]:
-    """The byte offset of a safetensors file's data section and ``{key: (begin, end)}`` within it (the file was
-    validated by ``safe_open`` first)."""
+def _read_safetensors_header(
+    path: Path,
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], int, dict[str, tuple[int, int]]]:
+    """``{key: (shape, dtype)}`` in the file's key order, the byte offset of the data section, and
+    ``{key: (begin, end)}`` within it. ``safetensors`` validates the file first (offsets, sizes, overlaps)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as err:  # safetensors raises its own SafetensorError for malformed files
+        raise ValueError(f"Could not read {str(path)!r} as a safetensors file: {_first_line(err)}") from None
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return 8 + length, {k: tuple(v["data_offsets"]) for k, v in header.items()}
-
-
-def _read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """``{key: (shape, dtype)}`` from the header of a safetensors file, in the file's key order."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own SafetensorError for malformed files
-        raise ValueError(f"Could not read {str(path)!r} as a safetensors file: {_first_line(err)}") from None
-    return {k: (shape, _torch_dtype(name, k, path)) for k, (shape, name) in raw.items()}
+    meta = {k: (tuple(header[k]["shape"]), _torch_dtype(header[k]["dtype"], k, path)) for k in keys}
+    return meta, 8 + length, {k: tuple(header[k]["data_offsets"]) for k in keys}
 
 
 def _torch_dtype(name: str, key: str, path: Path) -> torch.dtype:
