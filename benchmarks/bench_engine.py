@@ -6,14 +6,15 @@ effective rank plus noise, as in bench_core.py; the others small noise); then ea
 in a fresh subprocess that reports its wall time and peak resident memory (``VmHWM``):
 
 - ``engine_tsv_m`` / ``engine_task_arithmetic``: :func:`lightning_merge.engine.merge_checkpoints` to a folder
-  (including the sha256 of every input, the record and the streamed safetensors output);
+  (including the default xxh3_128 hash of every input, the record and the streamed safetensors output);
 - ``naive_tsv_m`` / ``naive_task_arithmetic``: the straightforward approach: ``safetensors.torch.load_file``
   every checkpoint, build all ``T`` task-vector dicts, merge in memory with the same method object,
   ``save_file``. Its ``core`` column is the merge time alone, on tensors already in memory;
-- ``engine_task_arithmetic_nohash``: the same without the sha256 of the inputs (``hash_inputs=False``);
+- ``engine_task_arithmetic_sha256`` / ``engine_task_arithmetic_nohash``: the same with the inputs' sha256
+  (``input_hash="sha256"``) and with no hashes (``input_hash=None``);
 - ``io_floor``: every byte of every input tensor read once: ``safetensors``' own reader maps each tensor
   (``safe_open(...).get_tensor`` copies nothing) and one ``copy_`` into a reused buffer reads it; nothing else;
-- ``hash_inputs``: the sha256 of every input file alone (what the record's hashes cost);
+- ``hash_xxh3_128`` / ``hash_sha256``: that hash of every input file alone (what the record's hashes cost);
 - ``import``: the interpreter with torch and lightning_merge imported (the memory floor).
 
 Inputs are read from the page cache (they were just written), the same for every variant.
@@ -40,8 +41,10 @@ from pathlib import Path
 import torch
 
 WIDTH, MLP, OUT_DIM, PATCH, TOKENS = 768, 3072, 512, 32, 50
-VARIANTS = ("import", "io_floor", "hash_inputs", "engine_task_arithmetic", "engine_task_arithmetic_nohash",
-            "naive_task_arithmetic", "engine_tsv_m", "naive_tsv_m")
+HASH_VARIANTS = {"": "xxh3_128", "_sha256": "sha256", "_nohash": None}
+VARIANTS = ("import", "io_floor", "hash_xxh3_128", "hash_sha256", "engine_task_arithmetic",
+            "engine_task_arithmetic_sha256", "engine_task_arithmetic_nohash", "naive_task_arithmetic", "engine_tsv_m",
+            "naive_tsv_m")
 
 
 def vit_b32_state(blocks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -111,20 +114,20 @@ def _io_floor(base: Path, tasks: list[Path]) -> dict[str, float]:
     return {"bytes": float(total)}
 
 
-def _hash_inputs(base: Path, tasks: list[Path]) -> dict[str, float]:
-    from lightning_merge.engine import sha256_file
+def _hash_inputs(algorithm: str, base: Path, tasks: list[Path]) -> dict[str, float]:
+    from lightning_merge.engine import hash_file
 
     for path in [base, *tasks]:
-        sha256_file(path)
+        hash_file(path, algorithm)
     return {}
 
 
 def _engine(variant: str, base: Path, tasks: list[Path], out: Path) -> dict[str, float]:
     from lightning_merge.engine import merge_checkpoints
 
-    method_name = variant.removesuffix("_nohash")
-    merge_checkpoints(method_name, base, tasks, out, overwrite=True, progress=False,
-                      hash_inputs=not variant.endswith("_nohash"))
+    suffix = next((s for s in HASH_VARIANTS if s and variant.endswith(s)), "")
+    merge_checkpoints(variant.removesuffix(suffix), base, tasks, out, overwrite=True, progress=False,
+                      input_hash=HASH_VARIANTS[suffix])
     return {}
 
 
@@ -151,8 +154,8 @@ def run_child(variant: str, base: Path, tasks: list[Path], out: Path) -> None:
     extra: dict[str, float] = {}
     if variant == "io_floor":
         extra = _io_floor(base, tasks)
-    elif variant == "hash_inputs":
-        extra = _hash_inputs(base, tasks)
+    elif variant.startswith("hash_"):
+        extra = _hash_inputs(variant.removeprefix("hash_"), base, tasks)
     elif variant.startswith("engine_"):
         extra = _engine(variant.removeprefix("engine_"), base, tasks, out)
     elif variant.startswith("naive_"):
@@ -195,11 +198,11 @@ def report(results: dict[str, list[dict[str, float]]], input_bytes: int) -> None
     print(
         f"\ninputs: {input_bytes / 2**30:.2f} GiB on disk; medians over {len(results['io_floor'])} run(s)\n"
     )
-    print(f"{'variant':<24}{'time s':>9}{'core s':>9}{'x I/O floor':>13}{'peak MiB':>10}{'x naive peak':>14}")
+    print(f"{'variant':<31}{'time s':>9}{'core s':>9}{'x I/O floor':>13}{'peak MiB':>10}{'x naive peak':>14}")
     for variant, runs in results.items():
         t, core, peak = (_median(runs, f) for f in ("seconds", "core_s", "peak_mib"))
         core_txt = f"{core:9.2f}" if core == core else f"{'-':>9}"
-        print(f"{variant:<24}{t:9.2f}{core_txt}{t / floor:13.2f}{peak:10.0f}{peak / naive_peak:14.2f}")
+        print(f"{variant:<31}{t:9.2f}{core_txt}{t / floor:13.2f}{peak:10.0f}{peak / naive_peak:14.2f}")
     print()
     for text, ok in check_targets(results, floor, naive_peak):
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")
@@ -224,10 +227,11 @@ def check_targets(
         checks.append((f"engine task arithmetic {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s", ta <= 2 * floor))
         checks.append((f"engine task arithmetic {ta:.2f} s <= core in memory + 2 x I/O floor = {core + 2 * floor:.2f} s",
                        ta <= core + 2 * floor))
-    if "engine_task_arithmetic_nohash" in results:
-        ta = med("engine_task_arithmetic_nohash")
-        checks.append((f"engine task arithmetic without input hashes {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s",
-                       ta <= 2 * floor))
+    for suffix, what in (("_sha256", "with the inputs' sha256"), ("_nohash", "without input hashes")):
+        if f"engine_task_arithmetic{suffix}" in results:
+            ta = med(f"engine_task_arithmetic{suffix}")
+            checks.append((f"engine task arithmetic {what} {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s",
+                           ta <= 2 * floor))
     if "engine_tsv_m" in results:
         tsv, core = med("engine_tsv_m"), med("naive_tsv_m", "core_s")
         checks.append((f"engine TSV-M {tsv:.2f} s <= core in memory + I/O floor = {core + floor:.2f} s", tsv <= core + floor))
@@ -251,9 +255,9 @@ def main() -> None:
     try:
         base, tasks = make_inputs(folder, args.tasks, args.blocks)
         input_bytes = sum(p.stat().st_size for p in [base, *tasks])
-        wanted = ("import", "io_floor", "hash_inputs",
+        wanted = ("import", "io_floor", "hash_xxh3_128", "hash_sha256",
                   *(f"{kind}_{m}" for m in args.methods for kind in ("engine", "naive")),
-                  *(["engine_task_arithmetic_nohash"] if "task_arithmetic" in args.methods else []))
+                  *([f"engine_task_arithmetic{s}" for s in HASH_VARIANTS if s] if "task_arithmetic" in args.methods else []))
         results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS if v in wanted}
         for repeat in range(args.repeats):
             for variant in results:

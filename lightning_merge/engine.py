@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lightning_merge.functional._checks import finite_as
+from lightning_merge.functional._checks import check_choice, finite_as
 from lightning_merge.io.sources import CheckpointSource, HFFolderSource, open_source, source_files
 from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_stream
 from lightning_merge.methods import MergeMethod, get_method
@@ -61,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "merge_record.json"
+HASHES = ("xxh3_128", "sha256")
 SourceLike = str | os.PathLike | Mapping[str, Tensor] | CheckpointSource
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -344,7 +346,8 @@ def _combine(method: MergeMethod, loaded: Loaded, dtype: torch.dtype | None) -> 
         return tensor.to(device="cpu", dtype=out_dtype)
     # merge in the wider of the two dtypes, so that asking for float32 output from bf16 inputs loses nothing
     tensor = tensor.to(torch.promote_types(tensor.dtype, out_dtype))
-    return finite_as(method(tensor, finetuned), out_dtype).cpu()
+    merged = method(tensor, finetuned)  # finite in tensor.dtype: only a cast to a narrower dtype needs a check
+    return (merged if merged.dtype == out_dtype else finite_as(merged, out_dtype)).cpu()
 
 
 def _combine_key(method: MergeMethod, key: str, loaded: Loaded, dtype: torch.dtype | None,
@@ -449,7 +452,7 @@ class MergeRecord:
     Attributes:
         method: the registry name. options: its constructor arguments. scaling: the coefficient ``lam``.
         inputs: per source, its role (``"base"``/``"finetuned"``), name, prefix and files with sizes and
-            sha256.
+            hashes (``"xxh3_128:<hex>"``, ``"sha256:<hex>"`` or ``None``).
         outputs: the files written in the output folder.
         merged_keys, excluded_keys, skipped: as in :class:`MergePlan`.
         device, dtype: where and in which output dtype the merge ran. version:
@@ -483,31 +486,44 @@ class MergeRecord:
         return path
 
 
-def sha256_file(path: str | os.PathLike, chunk_size: int = 2**24) -> str:
-    """The sha256 hex digest of a file, hashed straight from memory maps of ``chunk_size`` bytes (no copy into
-    Python buffers; each chunk is unmapped once hashed, so the file never becomes resident in this process)."""
-    digest = hashlib.sha256()
+def hash_file(path: str | os.PathLike, algorithm: str = "xxh3_128", chunk_size: int = 2**24) -> str:
+    """``"<algorithm>:<hex digest>"`` of a file's bytes, hashed straight from memory maps of ``chunk_size`` bytes
+    (no copy into Python buffers; each chunk is unmapped once hashed, so the file never becomes resident here).
+
+    ``algorithm``: ``"xxh3_128"`` (XXH3, 128 bits: about 12 GB/s on one core, which keeps up with reading the
+    file) or ``"sha256"`` (cryptographic, and the id the Hugging Face Hub shows for LFS files, but about 1.5 GB/s
+    with SHA extensions: 5x the time of reading the file from the page cache).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "empty.bin"
+        >>> _ = path.write_bytes(b"")
+        >>> hash_file(path, "sha256")
+        'sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
+    """
+    check_choice("algorithm", algorithm, HASHES)
+    digest = hashlib.sha256() if algorithm == "sha256" else xxhash.xxh3_128()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         for start in range(0, size, chunk_size):
             with mmap.mmap(f.fileno(), min(chunk_size, size - start), offset=start, access=mmap.ACCESS_READ) as m:
                 digest.update(m)
-    return digest.hexdigest()
+    return f"{algorithm}:{digest.hexdigest()}"
 
 
 def _start_hashing(
     sources: Sequence[CheckpointSource],
-    enabled: bool,
+    algorithm: str | None,
     pool: Executor,
 ) -> dict[Path, Future[str]]:
-    """sha256 of every input file, computed in a worker thread while the merge runs (hashlib releases the
+    """The hash of every input file, computed in a worker thread while the merge runs (both hashes release the
     GIL). On Linux the worker runs at the lowest CPU priority, so that it takes the cycles the merge leaves idle
     (its single-threaded eigendecompositions, I/O waits) rather than slowing it down."""
     files = dict.fromkeys(p for source in sources for p in source_files(source))
-    if not enabled:
+    if algorithm is None:
         return {}
     pool.submit(_lower_priority)
-    return {p: pool.submit(sha256_file, p) for p in files}
+    return {p: pool.submit(hash_file, p, algorithm) for p in files}
 
 
 def _lower_priority() -> None:
@@ -521,7 +537,7 @@ def _describe_inputs(base: CheckpointSource, finetuned: Sequence[CheckpointSourc
                      hashes: Mapping[Path, Future[str]]) -> list[dict[str, Any]]:
     def describe(role: str, source: CheckpointSource) -> dict[str, Any]:
         files = [
-            {"path": str(p), "bytes": p.stat().st_size, "sha256": hashes[p].result() if p in hashes else None}
+            {"path": str(p), "bytes": p.stat().st_size, "hash": hashes[p].result() if p in hashes else None}
             for p in source_files(source)
         ]
         return {"role": role, "name": source.name, "keys": len(source.keys()), "files": files}
@@ -605,7 +621,7 @@ def merge_checkpoints(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     prefix: str | None = None,
     base_prefix: str | None = None,
-    hash_inputs: bool = True,
+    input_hash: str | None = "xxh3_128",
 ) -> MergeRecord:
     """Merge checkpoints on disk into ``output``, a folder of safetensors plus ``merge_record.json``.
 
@@ -625,7 +641,9 @@ def merge_checkpoints(
         progress: show a progress bar.
         prefix: key prefix stripped from every source (e.g. ``"model."`` for LightningModule checkpoints).
         base_prefix: the prefix of the base if it differs (default: ``prefix``).
-        hash_inputs: record the sha256 of every input file (reads each input once more).
+        input_hash: record the hash of every input file, as ``"<algorithm>:<hex>"``: ``"xxh3_128"`` (reads
+            each input once more, in a background thread, at memory speed), ``"sha256"`` (matches the Hugging
+            Face Hub's LFS ids; about 5x the time of reading the inputs) or ``None`` (no hashes).
 
     Returns:
         The :class:`MergeRecord`, also saved as ``output/merge_record.json``.
@@ -637,6 +655,7 @@ def merge_checkpoints(
     """
     start = time.perf_counter()
     method = get_method(method)
+    check_choice("input_hash", input_hash, (*HASHES, None))
     device, dtype = _resolve_device(device), _resolve_dtype(dtype)
     base_src = open_source(base, prefix=base_prefix if base_prefix is not None else prefix, label="base")
     ft_srcs = [
@@ -651,7 +670,7 @@ def merge_checkpoints(
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-hash")
     try:
         tmp.mkdir()
-        hashes = _start_hashing([base_src, *ft_srcs], hash_inputs, pool)
+        hashes = _start_hashing([base_src, *ft_srcs], input_hash, pool)
         keys, to_merge = list(plan.shapes), set(plan.merge_keys)
         stream = _stream(method, base_src, ft_srcs, keys, device, dtype, progress, to_merge)
         files = write_stream(tmp, _output_specs(plan, base_src, dtype), stream, max_shard_size=max_shard_size)

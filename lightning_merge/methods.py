@@ -36,7 +36,7 @@ from lightning_merge.functional._checks import (
     finite_as,
     resolve_rank,
 )
-from lightning_merge.functional.merges import Basis, Factors, TaskVectors
+from lightning_merge.functional.merges import Basis, Factors, TaskVectors, linear_merge
 from lightning_merge.functional.svd import SOLVERS, Solver, use_randomized
 
 
@@ -69,8 +69,8 @@ class MergeMethod(ABC):
 
     def __call__(self, base: Tensor, finetuned: Sequence[Tensor]) -> Tensor:
         """The merged parameter ``W0 + scaling * M`` from the base and the fine-tuned tensors, in the base's dtype."""
-        w0 = base.to(compute_dtype(base.dtype)) if isinstance(base, Tensor) and base.is_floating_point() else base
-        return finite_as(w0 + self.merged_delta(base, finetuned), base.dtype)
+        w0, finetuned = self._inputs(base, finetuned)
+        return self._merged(w0, finetuned, base.dtype)
 
     def merged_delta(self, base: Tensor, finetuned: Sequence[Tensor]) -> Tensor:
         """``scaling * M`` from the base and the fine-tuned tensors, in float32 (float64 for float64 inputs).
@@ -78,6 +78,10 @@ class MergeMethod(ABC):
         Differences are taken in that dtype, so bf16 weights lose nothing to cancellation. With ``scaling`` 1 this is
         the ``M`` of a scaling search (:func:`lightning_merge.engine.task_matrices`).
         """
+        return self._merged_delta(*self._inputs(base, finetuned))
+
+    def _inputs(self, base: Tensor, finetuned: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """The base in the compute dtype and the fine-tuned tensors as a list, checked."""
         if not isinstance(base, Tensor):
             raise TypeError(f"Expected argument `base` to be a torch.Tensor, but got {type(base).__name__}.")
         finetuned = list(finetuned)
@@ -89,8 +93,10 @@ class MergeMethod(ABC):
                 )
         if not finetuned:
             raise ValueError("Expected argument `finetuned` to hold at least one tensor, but got an empty sequence.")
-        w0 = base.to(compute_dtype(base.dtype) if base.is_floating_point() else torch.float32)
-        return self._merged_delta(w0, finetuned)
+        return base.to(compute_dtype(base.dtype) if base.is_floating_point() else torch.float32), finetuned
+
+    def _merged(self, w0: Tensor, finetuned: list[Tensor], dtype: torch.dtype) -> Tensor:
+        return finite_as(w0 + self._merged_delta(w0, finetuned), dtype)
 
     def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
         # The differences go into one (T, *shape) buffer, written in place: no list of copies, then a stack.
@@ -108,7 +114,26 @@ class MergeMethod(ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class Average(MergeMethod):
+class _LinearMethod(MergeMethod):
+    """A merge linear in the task vectors, ``M = c(T) * sum_t w_t D_t``: computed task by task with no
+    ``(T, *shape)`` buffer, and the merged parameter in one cache-blocked pass (see
+    :func:`lightning_merge.functional.sum_of_differences`)."""
+
+    def _coefficient(self, num_tasks: int) -> float:
+        return self.scaling
+
+    def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
+        return F.sum_of_differences(w0, finetuned, self.weights, scaling=self._coefficient(len(finetuned)))
+
+    def _merged(self, w0: Tensor, finetuned: list[Tensor], dtype: torch.dtype) -> Tensor:
+        coefficient = self._coefficient(len(finetuned))
+        merged, finite = linear_merge(w0, finetuned, self.weights, coefficient, add_base=True)
+        # a finite result in the output dtype needs no second pass to check it
+        return merged if finite and merged.dtype == dtype else finite_as(merged, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Average(_LinearMethod):
     """``M = mean_t D_t``."""
 
     name: ClassVar[str] = "average"
@@ -117,13 +142,12 @@ class Average(MergeMethod):
     def merge(self, task_vectors: TaskVectors) -> Tensor:
         return F.average(task_vectors, scaling=self.scaling, weights=self.weights)
 
-    def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
-        # linear: accumulate task by task, without the (T, *shape) buffer
-        return F.sum_of_differences(w0, finetuned, self.weights).mul_(self.scaling / len(finetuned))
+    def _coefficient(self, num_tasks: int) -> float:
+        return self.scaling / num_tasks
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(_LinearMethod):
     """Task arithmetic, ``M = sum_t D_t`` (Ilharco et al., ICLR 2023); ``scaling`` defaults to 0.3."""
 
     name: ClassVar[str] = "task_arithmetic"
@@ -132,9 +156,6 @@ class TaskArithmetic(MergeMethod):
 
     def merge(self, task_vectors: TaskVectors) -> Tensor:
         return F.task_arithmetic(task_vectors, scaling=self.scaling, weights=self.weights)
-
-    def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
-        return F.sum_of_differences(w0, finetuned, self.weights).mul_(self.scaling)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -79,6 +80,19 @@ def test_yaml_config_with_flag_override(tmp_path, files, capsys):
     assert torch.equal(open_source(tmp_path / "out").get_tensor("w"), expected)
 
 
+@pytest.mark.parametrize(("flag", "algorithm"), [("sha256", "sha256"), ("none", None)])
+def test_hash_choice_from_yaml(tmp_path, files, flag, algorithm):
+    argv = files["argv"]
+    config = {"base": argv[1], "finetuned": argv[3:6], "prefix": "model.", "base_prefix": "", "quiet": True,
+              "output": str(tmp_path / "out"), "method": "average", "exclude": ["head.*"], "hash": flag}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(config))
+    assert main(["--config", str(tmp_path / "merge.yaml")]) == 0
+    record = json.loads((tmp_path / "out" / "merge_record.json").read_text())
+    for entry in (f for i in record["inputs"] for f in i["files"]):
+        want = None if algorithm is None else "sha256:" + hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest()
+        assert entry["hash"] == want
+
+
 def test_yaml_config_errors(tmp_path, files, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"method": "tsv_m", "ranks": 3}))
     assert "unknown key 'ranks'" in run_error(["--config", str(tmp_path / "bad.yaml")], capsys)
@@ -99,6 +113,7 @@ def test_yaml_config_errors(tmp_path, files, capsys):
         (["--method", "nope"], r"argument --method: invalid choice: 'nope'"),
         (["--method", "average", "--device", "gpu0", "--exclude", "head.*"], r"Expected argument `device`"),
         (["--method", "average", "--max-shard-size", "lots"], r"expected a size such as 5GB"),
+        (["--method", "average", "--hash", "md5"], r"argument --hash: invalid choice: 'md5'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, files, capsys, extra, message):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from xxhash import xxh3_128_hexdigest
 
 import lightning_merge
 from lightning_merge import engine
@@ -247,7 +248,7 @@ def test_merge_checkpoints_bitwise_and_record(tmp_path, models, on_disk, name):
     assert saved["excluded_keys"] == ["head.weight"] and "position_ids" in saved["skipped"]
     assert saved["outputs"] == ["model.safetensors", "merge_record.json"]
     files = {Path(f["path"]): f for i in saved["inputs"] for f in i["files"]}
-    assert {p: f["sha256"] for p, f in files.items()} == before
+    assert {p: f["hash"] for p, f in files.items()} == {p: "xxh3_128:" + xxh3_128_hexdigest(p.read_bytes()) for p in before}
     assert all(f["bytes"] == p.stat().st_size for p, f in files.items())
     assert [i["role"] for i in saved["inputs"]] == ["base"] + ["finetuned"] * T
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -260,13 +261,13 @@ def test_merge_checkpoints_shards_prefix_dtype_and_state_dicts(tmp_path, models)
         torch.save({"state_dict": {f"model.{k}": v for k, v in t.items()}}, tmp_path / f"t{i}.ckpt")
         ckpts.append(tmp_path / f"t{i}.ckpt")
     record = merge_checkpoints("average", base, ckpts, tmp_path / "out", prefix="model.", base_prefix="",
-                               dtype="float64", max_shard_size=300, progress=False, hash_inputs=False)
+                               dtype="float64", max_shard_size=300, progress=False, input_hash=None)
     assert "model.safetensors.index.json" in record.outputs and record.dtype == "float64"
     merged = open_source(tmp_path / "out")
     expected = reference(get_method("average"), base, tuned, list(base))
     assert merged.dtype("norm.weight") == torch.float64 and merged.dtype("position_ids") == torch.int64
     torch.testing.assert_close(merged.get_tensor("norm.weight"), expected["norm.weight"].double())
-    assert record.inputs[0]["files"] == [] and record.inputs[1]["files"][0]["sha256"] is None
+    assert record.inputs[0]["files"] == [] and record.inputs[1]["files"][0]["hash"] is None
 
 
 def test_merge_checkpoints_non_strict_copies_from_base(tmp_path, models):
@@ -275,6 +276,13 @@ def test_merge_checkpoints_non_strict_copies_from_base(tmp_path, models):
     record = merge_checkpoints("task_arithmetic", base, tuned, tmp_path / "out", strict=False, progress=False)
     assert "head.weight" in record.skipped and "head.weight" not in record.merged_keys
     assert torch.equal(open_source(tmp_path / "out").get_tensor("head.weight"), base["head.weight"])
+
+
+def test_unknown_input_hash_is_refused_before_any_work(tmp_path, models):
+    base, tuned = models
+    with pytest.raises(ValueError, match=r"Expected argument `input_hash` to be one of \['xxh3_128', 'sha256', None\], but got 'md5'"):
+        merge_checkpoints("average", base, tuned, tmp_path / "out", progress=False, input_hash="md5")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_is_refused_unless_overwrite(tmp_path, models):

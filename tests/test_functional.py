@@ -70,6 +70,36 @@ def test_average_and_task_arithmetic():
     assert torch.allclose(F.average(deltas, scaling=2.0, weights=[1, 0, 0]), 2 * deltas[0] / 3)
 
 
+@pytest.mark.parametrize("block_bytes", [256, 768, 4096, 2**30])
+def test_sum_of_differences_blocks_match_float64_and_each_other(monkeypatch, block_bytes):
+    from lightning_merge.functional import merges
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(96, 40, generator=g)  # 3840 floats: blocks of 64, 192 and 1024 floats, the last one partial
+    tuned = [base + 1e-2 * torch.randn(base.shape, generator=g) for _ in range(4)]
+    weights, scaling = [0.3, 1.7, -0.2, 2.5], 0.37
+    expected = base.double() + scaling * sum(w * (t.double() - base.double()) for w, t in zip(weights, tuned))
+    whole = F.sum_of_differences(base, tuned, weights, scaling=scaling, add_base=True)  # one block
+    monkeypatch.setattr(merges, "BLOCK_BYTES", block_bytes)
+    blocked = F.sum_of_differences(base, tuned, weights, scaling=scaling, add_base=True)
+    assert torch.allclose(blocked.double(), expected, rtol=0, atol=1e-6)
+    assert torch.equal(blocked, whole)  # the same operations per element, in the same order
+    delta = F.sum_of_differences(base, tuned, weights, scaling=scaling)
+    assert torch.allclose(delta.double(), expected - base.double(), rtol=0, atol=1e-7)
+
+
+def test_sum_of_differences_names_a_non_finite_task_in_a_late_block(monkeypatch):
+    from lightning_merge.functional import merges
+
+    monkeypatch.setattr(merges, "BLOCK_BYTES", 64)
+    base = torch.zeros(10, 10)
+    tuned = [base + 1, base + 2, base.clone()]
+    tuned[2][-1, -1] = float("inf")
+    with pytest.raises(ValueError, match=r"`task_vectors\[2\]` contain NaN or Inf"):
+        F.sum_of_differences(base, tuned)
+    assert torch.equal(F.sum_of_differences(base, [], scaling=2.0, add_base=True), base)
+
+
 def test_sti_matches_naive_reference():
     u, s, v = torch.randn(10, 6, dtype=f64), torch.rand(6, dtype=f64), torch.randn(8, 6, dtype=f64)
     assert abs(float(F.sti(u, s, v)) - ref.sti(u.numpy(), s.numpy(), v.numpy())) < 1e-9

@@ -27,6 +27,7 @@ from lightning_merge.io import (
     save_state_dict,
     source_files,
 )
+from lightning_merge.io.writer import write_stream
 
 
 @pytest.fixture
@@ -100,13 +101,26 @@ def test_misaligned_safetensors_tensor_is_copied_out(tmp_path):
     assert source.get_tensor("a").tolist() == [5]
 
 
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
 @pytest.mark.parametrize("size", [0, 1, 4095, 3 * 4096 + 7])
-def test_sha256_file_matches_hashlib(tmp_path, size):
-    from lightning_merge.engine import sha256_file
+def test_hash_file_matches_one_shot_hash(tmp_path, size, algorithm):
+    import xxhash
+
+    from lightning_merge.engine import hash_file
 
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(size))
-    assert sha256_file(path, chunk_size=mmap.ALLOCATIONGRANULARITY) == hashlib.sha256(path.read_bytes()).hexdigest()
+    data = path.read_bytes()
+    want = hashlib.sha256(data).hexdigest() if algorithm == "sha256" else xxhash.xxh3_128_hexdigest(data)
+    assert hash_file(path, algorithm, chunk_size=mmap.ALLOCATIONGRANULARITY) == f"{algorithm}:{want}"
+
+
+def test_hash_file_refuses_unknown_algorithm(tmp_path):
+    from lightning_merge.engine import hash_file
+
+    (tmp_path / "blob").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"Expected argument `algorithm` to be one of \['xxh3_128', 'sha256'\]"):
+        hash_file(tmp_path / "blob", "md5")
 
 
 @pytest.mark.parametrize("name", ["w.pt", "pytorch_model.bin", "w.pth"])
@@ -332,6 +346,17 @@ def test_writer_checks_order_shape_and_completeness(tmp_path):
         writer.write("a", torch.zeros(2))
         with pytest.raises(ValueError, match="'b' and later were never written"):
             writer.close()
+    produced = []
+
+    def stream():  # a bad tensor in the middle: the stream stops at its write, nothing after it is produced
+        for key, tensor in [("a", torch.zeros(2)), ("b", torch.zeros(4)), ("c", torch.zeros(1))]:
+            produced.append(key)
+            yield key, tensor
+
+    (tmp_path / "stream").mkdir()
+    with pytest.raises(ValueError, match=r"Expected key 'b' to be a tensor of shape \(3,\)"):
+        write_stream(tmp_path / "stream", [*specs, TensorSpec("c", (1,), torch.float32)], stream())
+    assert produced[:2] == ["a", "b"] and len(produced) <= 3
     with pytest.raises(FileNotFoundError, match="existing folder"):
         save_state_dict({}, tmp_path / "nope")
     with pytest.raises(ValueError, match="Expected argument `max_shard_size` to be a positive int"):

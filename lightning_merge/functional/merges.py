@@ -74,33 +74,77 @@ def task_arithmetic(
     return finite_as(scaling * stack_task_vectors(task_vectors, weights).sum(0), _dtype_of(task_vectors))
 
 
-def sum_of_differences(base: Tensor, finetuned: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
-    """``sum_t w_t (W_t - W0)`` in the compute dtype, accumulated one task at a time.
+#: CPU cache blocking of the linear merges: each block of this many bytes of the output is finished while it sits in
+#: cache. 4 MiB was fastest among 64 KiB - 32 MiB for task arithmetic of 8 ViT-B/32 checkpoints on 2 EPYC cores
+#: (0.31-0.36 s against 0.68-0.78 s unblocked; L2 512 KiB per core, L3 32 MiB).
+BLOCK_BYTES = 4 * 2**20
+
+
+def sum_of_differences(
+    base: Tensor,
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    scaling: float = 1.0,
+    add_base: bool = False,
+) -> Tensor:
+    """``scaling * sum_t w_t (W_t - W0)`` in the compute dtype, plus ``W0`` with ``add_base``.
 
     The linear merges (average, task arithmetic) need no ``(T, *shape)`` buffer: each input is read once and the
-    difference is taken before accumulating, so nothing is lost to cancellation. A NaN or Inf in any input makes
-    the sum non-finite; only then are the tasks checked one by one, to name the culprit.
+    difference is taken before accumulating, so nothing is lost to cancellation. On CPU the work is blocked:
+    each block of :data:`BLOCK_BYTES` of the output gets all ``T`` differences, the scaling and the base while it
+    sits in cache, so memory traffic is one read of every input and one write of the output (instead of three
+    passes over the total per task). Every element goes through the same operations in the same order whatever
+    the block size, so the result is bitwise that of the unblocked loop. A NaN or Inf in any input makes the
+    result non-finite; only then are the tasks checked one by one, to name the culprit.
 
     Example:
         >>> sum_of_differences(torch.ones(2), [torch.full((2,), 3.0), torch.zeros(2)], weights=[1.0, 2.0])
         tensor([0., 0.])
+        >>> sum_of_differences(torch.ones(2), [torch.full((2,), 3.0)], scaling=0.5, add_base=True)
+        tensor([2., 2.])
     """
+    return linear_merge(base, finetuned, weights, scaling, add_base)[0]
+
+
+def linear_merge(
+    base: Tensor,
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float] | None,
+    scaling: float,
+    add_base: bool,
+) -> tuple[Tensor, bool]:
+    """:func:`sum_of_differences` and whether every value of it is finite (as far as a per-block sum tells)."""
     check_weights(weights, len(finetuned))
+    check_scaling(scaling)
     w0 = base.to(compute_dtype(base.dtype))
     if not finetuned:
-        return torch.zeros_like(w0)
-    total = torch.sub(finetuned[0].to(w0.dtype), w0)
-    if weights is not None:
-        total.mul_(float(weights[0]))
-    difference = torch.empty_like(w0) if len(finetuned) > 1 else None
-    for t, ft in enumerate(finetuned[1:], start=1):
-        torch.sub(ft.to(w0.dtype), w0, out=difference)
-        total.add_(difference, alpha=1.0 if weights is None else float(weights[t]))
-    if not torch.isfinite(total.sum()):
+        return (w0.clone() if add_base else torch.zeros_like(w0)), True
+    out = torch.empty_like(w0, memory_format=torch.contiguous_format)
+    flat_out, flat_w0, flats = out.view(-1), w0.reshape(-1), [f.reshape(-1) for f in finetuned]
+    numel = flat_out.numel()
+    step = max(1, BLOCK_BYTES // w0.element_size()) if w0.device.type == "cpu" else max(1, numel)
+    scratch = flat_out.new_empty(min(step, numel)) if len(flats) > 1 else None
+    finite = True
+    for start in range(0, numel, step):
+        total, w = flat_out[start : start + step], flat_w0[start : start + step]
+        for t, f in enumerate(flats):
+            into = total if t == 0 else scratch[: total.numel()]  # type: ignore[index]
+            torch.sub(f[start : start + step].to(w.dtype), w, out=into)
+            if t > 0:
+                total.add_(into, alpha=1.0 if weights is None else float(weights[t]))
+            elif weights is not None:
+                total.mul_(float(weights[0]))
+        if scaling != 1.0:
+            total.mul_(scaling)
+        if add_base:
+            total.add_(w)
+        finite = finite and bool(torch.isfinite(total.sum()))
+    if not finite:
         bad = [t for t, ft in enumerate(finetuned) if not torch.isfinite(ft.to(w0.dtype) - w0).all()]
         if bad:
             raise ValueError(f"Expected finite task vectors, but `task_vectors{bad}` contain NaN or Inf.")
-    return total
+    return out, finite
 
 
 def trim_magnitude(deltas: Tensor, density: float) -> Tensor:

@@ -250,14 +250,27 @@ class SafetensorsSource(_MappedSource):
                 return f.get_tensor(stored)
         storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self._size)
         tensor = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
-        _touch_pages(tensor)
+        _read_ahead(self.path, start, end - begin, tensor)
         return tensor
 
 
-def _touch_pages(tensor: Tensor) -> None:
-    # Read one byte of every page, so that the page faults (and any disk read) happen here, in the reading
-    # thread (the engine's prefetch thread), not in the first arithmetic on the tensor.
-    tensor.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+def _read_ahead(path: Path, start: int, length: int, tensor: Tensor) -> None:
+    """Start reading the tensor's bytes from disk now, in the calling thread (the engine's prefetch thread),
+    so that its first arithmetic finds them in the page cache.
+
+    ``posix_fadvise(WILLNEED)`` queues the reads and returns; pages already cached cost nearly nothing, and
+    the page tables are left to the arithmetic (its threads fault them in parallel: touching every page here
+    instead made task arithmetic of cached files 15-18% slower on 2 cores). Without ``posix_fadvise`` (macOS,
+    Windows) every page is touched here.
+    """
+    if hasattr(os, "posix_fadvise"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+    else:  # pragma: no cover - not Linux
+        tensor.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
 
 
 def _read_safetensors_header(

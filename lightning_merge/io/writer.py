@@ -27,6 +27,7 @@ import struct
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -206,10 +207,24 @@ def write_stream(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     metadata: Mapping[str, str] | None = None,
 ) -> list[str]:
-    """Write ``(key, tensor)`` pairs arriving in the order of ``specs``; returns the file names written."""
-    with SafetensorsWriter(folder, specs, max_shard_size=max_shard_size, metadata=metadata) as writer:
+    """Write ``(key, tensor)`` pairs arriving in the order of ``specs``; returns the file names written.
+
+    Each tensor is written in a worker thread while the next one is produced (file writes release the GIL), so
+    a merge's output costs no time of its own when the disk keeps up; at most one written tensor is pending.
+    An error in ``tensors`` or in a write stops the stream after the write in flight has finished.
+    """
+    with (
+        SafetensorsWriter(folder, specs, max_shard_size=max_shard_size, metadata=metadata) as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-write") as pool,
+    ):
+        pending: Future[None] | None = None
         for key, tensor in tensors:
-            writer.write(key, tensor)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write, key, tensor)
+            del tensor
+        if pending is not None:
+            pending.result()
         return writer.close()
 
 
