@@ -14,6 +14,8 @@ in a fresh subprocess that reports its wall time and peak resident memory (``VmH
   (``input_hash="sha256"``) and with no hashes (``input_hash=None``);
 - ``io_floor``: every byte of every input tensor read once: ``safetensors``' own reader maps each tensor
   (``safe_open(...).get_tensor`` copies nothing) and one ``copy_`` into a reused buffer reads it; nothing else;
+- ``write_floor``: writing as many bytes as one checkpoint (the merged output) to a new file, from a reused
+  16 MiB buffer: what the output costs the engine before any arithmetic (the page cache of a new file);
 - ``hash_xxh3_128`` / ``hash_sha256``: that hash of every input file alone (what the record's hashes cost);
 - ``import``: the interpreter with torch and lightning_merge imported (the memory floor).
 
@@ -42,7 +44,7 @@ import torch
 
 WIDTH, MLP, OUT_DIM, PATCH, TOKENS = 768, 3072, 512, 32, 50
 HASH_VARIANTS = {"": "xxh3_128", "_sha256": "sha256", "_nohash": None}
-VARIANTS = ("import", "io_floor", "hash_xxh3_128", "hash_sha256", "engine_task_arithmetic",
+VARIANTS = ("import", "io_floor", "write_floor", "hash_xxh3_128", "hash_sha256", "engine_task_arithmetic",
             "engine_task_arithmetic_sha256", "engine_task_arithmetic_nohash", "naive_task_arithmetic", "engine_tsv_m",
             "naive_tsv_m")
 
@@ -114,6 +116,15 @@ def _io_floor(base: Path, tasks: list[Path]) -> dict[str, float]:
     return {"bytes": float(total)}
 
 
+def _write_floor(base: Path, out: Path) -> dict[str, float]:
+    out.mkdir()
+    buffer, left = memoryview(torch.ones(2**24, dtype=torch.uint8).numpy()), base.stat().st_size
+    with open(out / "model.safetensors", "wb") as f:
+        while left > 0:
+            left -= f.write(buffer[: min(left, len(buffer))])
+    return {}
+
+
 def _hash_inputs(algorithm: str, base: Path, tasks: list[Path]) -> dict[str, float]:
     from lightning_merge.engine import hash_file
 
@@ -154,6 +165,8 @@ def run_child(variant: str, base: Path, tasks: list[Path], out: Path) -> None:
     extra: dict[str, float] = {}
     if variant == "io_floor":
         extra = _io_floor(base, tasks)
+    elif variant == "write_floor":
+        extra = _write_floor(base, out)
     elif variant.startswith("hash_"):
         extra = _hash_inputs(variant.removeprefix("hash_"), base, tasks)
     elif variant.startswith("engine_"):
@@ -206,6 +219,10 @@ def report(results: dict[str, list[dict[str, float]]], input_bytes: int) -> None
     print()
     for text, ok in check_targets(results, floor, naive_peak):
         print(f"[{'PASS' if ok else 'FAIL'}] {text}")
+    if "write_floor" in results and "engine_task_arithmetic" in results:
+        write, ta = _median(results["write_floor"], "seconds"), _median(results["engine_task_arithmetic"], "seconds")
+        print(f"(read floor + write floor = {floor:.2f} + {write:.2f} = {floor + write:.2f} s; engine task"
+              f" arithmetic {ta:.2f} s = {ta / (floor + write):.2f}x of both)")
 
 
 def check_targets(
@@ -255,7 +272,7 @@ def main() -> None:
     try:
         base, tasks = make_inputs(folder, args.tasks, args.blocks)
         input_bytes = sum(p.stat().st_size for p in [base, *tasks])
-        wanted = ("import", "io_floor", "hash_xxh3_128", "hash_sha256",
+        wanted = ("import", "io_floor", "write_floor", "hash_xxh3_128", "hash_sha256",
                   *(f"{kind}_{m}" for m in args.methods for kind in ("engine", "naive")),
                   *([f"engine_task_arithmetic{s}" for s in HASH_VARIANTS if s] if "task_arithmetic" in args.methods else []))
         results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS if v in wanted}

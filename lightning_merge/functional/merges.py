@@ -93,9 +93,9 @@ def sum_of_differences(
     The linear merges (average, task arithmetic) need no ``(T, *shape)`` buffer: each input is read once and the
     difference is taken before accumulating, so nothing is lost to cancellation. On CPU the work is blocked:
     each block of :data:`BLOCK_BYTES` of the output gets all ``T`` differences, the scaling and the base while it
-    sits in cache, so memory traffic is one read of every input and one write of the output (instead of three
-    passes over the total per task). Every element goes through the same operations in the same order whatever
-    the block size, so the result is bitwise that of the unblocked loop. A NaN or Inf in any input makes the
+    sits in cache, so memory traffic is one read of every input and one write of the output (instead of a
+    subtraction and an addition over whole tensors per task). Every element goes through the same operations in
+    the same order whatever the block size, so the result does not depend on it (tested bitwise). A NaN or Inf in any input makes the
     result non-finite; only then are the tasks checked one by one, to name the culprit.
 
     Example:
