@@ -12,18 +12,26 @@ in a fresh subprocess that reports its wall time and peak resident memory (``VmH
   ``save_file``. Its ``core`` column is the merge time alone, on tensors already in memory;
 - ``engine_task_arithmetic_sha256`` / ``engine_task_arithmetic_nohash``: the same with the inputs' sha256
   (``input_hash="sha256"``) and with no hashes (``input_hash=None``);
-- ``io_floor``: every byte of every input tensor read once: ``safetensors``' own reader maps each tensor
-  (``safe_open(...).get_tensor`` copies nothing) and one ``copy_`` into a reused buffer reads it; nothing else;
+- ``io_floor``: every byte of every input file read once, front to back, into a reused 128 KiB buffer, all files
+  at once (one thread per file); nothing else. The fastest plain read measured here: reading the files one after
+  the other took 2.5-4x as long (warm and cold), and buffers of 256 KiB or more up to 7x from the page cache;
+- ``core_task_arithmetic``: the merge arithmetic alone, as the engine does it (``method(base, finetuned)`` per
+  key), on every input already loaded in memory: no I/O at all;
 - ``write_floor``: writing as many bytes as one checkpoint (the merged output) to a new file, from a reused
   16 MiB buffer: what the output costs the engine before any arithmetic (the page cache of a new file);
 - ``hash_xxh3_128`` / ``hash_sha256``: that hash of every input file alone (what the record's hashes cost);
 - ``import``: the interpreter with torch and lightning_merge imported (the memory floor).
 
-Inputs are read from the page cache (they were just written), the same for every variant.
+Every variant runs in two cache states (``--cache``): ``warm``, the inputs in the page cache (as just after
+writing them), where reading is a memory copy; and ``cold``, every input evicted from the page cache before the
+variant starts (``posix_fadvise(POSIX_FADV_DONTNEED)`` on the synced files; needs no privileges), where reading
+is disk I/O, as for checkpoints larger than memory or not recently used. The inputs are synced to disk once
+after they are written, so no variant runs while the kernel is still writing them back (that throttled the
+first variants' writes in earlier versions of this script).
 
 Run:
     python benchmarks/bench_engine.py                     # 8 tasks, 12 blocks, 3 repeats
-    python benchmarks/bench_engine.py --blocks 4 --repeats 1
+    python benchmarks/bench_engine.py --blocks 4 --repeats 1 --cache warm
 """
 
 from __future__ import annotations
@@ -38,15 +46,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 WIDTH, MLP, OUT_DIM, PATCH, TOKENS = 768, 3072, 512, 32, 50
+CACHE_STATES = {"warm": "inputs in the page cache", "cold": "inputs evicted from the page cache before each variant"}
 HASH_VARIANTS = {"": "xxh3_128", "_sha256": "sha256", "_nohash": None}
 VARIANTS = ("import", "io_floor", "write_floor", "hash_xxh3_128", "hash_sha256", "engine_task_arithmetic",
-            "engine_task_arithmetic_sha256", "engine_task_arithmetic_nohash", "naive_task_arithmetic", "engine_tsv_m",
-            "naive_tsv_m")
+            "engine_task_arithmetic_sha256", "engine_task_arithmetic_nohash", "naive_task_arithmetic",
+            "core_task_arithmetic", "engine_tsv_m", "naive_tsv_m")
 
 
 def vit_b32_state(blocks: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -95,25 +105,48 @@ def make_inputs(folder: Path, tasks: int, blocks: int) -> tuple[Path, list[Path]
         deltas = {k: task_delta(tuple(v.shape), 1000 * t + i, g) for i, (k, v) in enumerate(base.items())}
         save_file({k: v + deltas[k] for k, v in base.items()}, str(path))
         paths.append(path)
+    for path in [folder / "base.safetensors", *paths]:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
     return folder / "base.safetensors", paths
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the (clean, synced) pages of ``paths`` from the page cache, so that the next read comes from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------ child side
 
 
 def _io_floor(base: Path, tasks: list[Path]) -> dict[str, float]:
-    from safetensors import safe_open
+    def read(path: Path) -> int:
+        total, buffer = 0, memoryview(bytearray(2**17))
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                total += n
+        return total
 
-    total, buffer = 0, torch.empty(0, dtype=torch.uint8)
-    for path in [base, *tasks]:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                data = f.get_tensor(key).reshape(-1).view(torch.uint8)  # get_tensor maps; this copy reads
-                if buffer.numel() < data.numel():
-                    buffer = torch.empty(data.numel(), dtype=torch.uint8)
-                buffer[: data.numel()].copy_(data)
-                total += data.numel()
-    return {"bytes": float(total)}
+    with ThreadPoolExecutor(len(tasks) + 1) as pool:  # reads release the GIL: every file at once
+        return {"bytes": float(sum(pool.map(read, [base, *tasks])))}
+
+
+def _core(method_name: str, base: Path, tasks: list[Path]) -> dict[str, float]:
+    from safetensors.torch import load_file
+
+    from lightning_merge.methods import get_method
+
+    method = get_method(method_name)
+    W0, finetuned = load_file(str(base)), [load_file(str(p)) for p in tasks]
+    start = time.perf_counter()
+    for k, w0 in W0.items():
+        method(w0, [ft[k] for ft in finetuned])
+    return {"core_s": time.perf_counter() - start}
 
 
 def _write_floor(base: Path, out: Path) -> dict[str, float]:
@@ -173,6 +206,8 @@ def run_child(variant: str, base: Path, tasks: list[Path], out: Path) -> None:
         extra = _engine(variant.removeprefix("engine_"), base, tasks, out)
     elif variant.startswith("naive_"):
         extra = _naive(variant.removeprefix("naive_"), base, tasks, out)
+    elif variant.startswith("core_"):
+        extra = _core(variant.removeprefix("core_"), base, tasks)
     seconds = time.perf_counter() - start
     print(json.dumps({"variant": variant, "seconds": seconds, "peak_mib": peak_resident_mib(), **extra}))
 
@@ -190,8 +225,12 @@ def peak_resident_mib() -> float:
 # ----------------------------------------------------------------------------------------- parent side
 
 
-def measure(variant: str, folder: Path, base: Path, tasks: list[Path]) -> dict[str, float]:
+def measure(variant: str, cache: str, folder: Path, base: Path, tasks: list[Path]) -> dict[str, float]:
     out = folder / f"out-{variant}"
+    if cache == "cold":
+        evict([base, *tasks])
+    else:  # warm: every input in the page cache, whatever ran before
+        _io_floor(base, tasks)
     argv = [sys.executable, __file__, "--child", variant, "--workdir", str(folder), "--tasks", str(len(tasks))]
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     shutil.rmtree(out, ignore_errors=True)
@@ -205,11 +244,12 @@ def _median(runs: list[dict[str, float]], field: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def report(results: dict[str, list[dict[str, float]]], input_bytes: int) -> None:
+def report(results: dict[str, list[dict[str, float]]], input_bytes: int, cache: str) -> None:
     floor = _median(results["io_floor"], "seconds")
     naive_peak = max(_median(runs, "peak_mib") for v, runs in results.items() if v.startswith("naive_"))
     print(
-        f"\ninputs: {input_bytes / 2**30:.2f} GiB on disk; medians over {len(results['io_floor'])} run(s)\n"
+        f"\n{cache} cache ({CACHE_STATES[cache]}): inputs {input_bytes / 2**30:.2f} GiB on disk; medians over"
+        f" {len(results['io_floor'])} run(s)\n"
     )
     print(f"{'variant':<31}{'time s':>9}{'core s':>9}{'x I/O floor':>13}{'peak MiB':>10}{'x naive peak':>14}")
     for variant, runs in results.items():
@@ -223,6 +263,10 @@ def report(results: dict[str, list[dict[str, float]]], input_bytes: int) -> None
         write, ta = _median(results["write_floor"], "seconds"), _median(results["engine_task_arithmetic"], "seconds")
         print(f"(read floor + write floor = {floor:.2f} + {write:.2f} = {floor + write:.2f} s; engine task"
               f" arithmetic {ta:.2f} s = {ta / (floor + write):.2f}x of both)")
+    if "core_task_arithmetic" in results:
+        core = _median(results["core_task_arithmetic"], "core_s")
+        print(f"(task arithmetic's arithmetic alone, inputs in memory, no I/O: {core:.2f} s = {core / floor:.2f}x the"
+              f" read floor)")
 
 
 def check_targets(
@@ -262,25 +306,34 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant; medians are reported (default 3)")
     parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "tsv_m"], choices=["task_arithmetic", "tsv_m"],
                         help="merge methods to time, through the engine and naively (default: both)")
+    parser.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
+                        help="inputs in the page cache, evicted before each variant, or both (default)")
     parser.add_argument("--workdir", type=Path, default=None, help="where inputs are written (default: a temp dir)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         tasks = [args.workdir / f"task{t}.safetensors" for t in range(args.tasks)]
         return run_child(args.child, args.workdir / "base.safetensors", tasks, args.workdir / f"out-{args.child}")
+    caches = list(CACHE_STATES) if args.cache == "both" else [args.cache]
+    if "cold" in caches and not hasattr(os, "posix_fadvise"):
+        raise SystemExit("--cache cold needs os.posix_fadvise (Linux) to evict the inputs from the page cache.")
     folder = Path(tempfile.mkdtemp(prefix="bench_engine_", dir=args.workdir))
     try:
         base, tasks = make_inputs(folder, args.tasks, args.blocks)
         input_bytes = sum(p.stat().st_size for p in [base, *tasks])
         wanted = ("import", "io_floor", "write_floor", "hash_xxh3_128", "hash_sha256",
                   *(f"{kind}_{m}" for m in args.methods for kind in ("engine", "naive")),
-                  *([f"engine_task_arithmetic{s}" for s in HASH_VARIANTS if s] if "task_arithmetic" in args.methods else []))
-        results: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS if v in wanted}
+                  *([f"engine_task_arithmetic{s}" for s in HASH_VARIANTS if s] + ["core_task_arithmetic"]
+                    if "task_arithmetic" in args.methods else []))
+        results = {cache: {v: [] for v in VARIANTS if v in wanted} for cache in caches}
         for repeat in range(args.repeats):
-            for variant in results:
-                results[variant].append(measure(variant, folder, base, tasks))
-                print(f"repeat {repeat + 1}/{args.repeats} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
-        report(results, input_bytes)
+            for variant in results[caches[0]]:
+                for cache in caches:  # alternated, so that both states see the same moments of a noisy machine
+                    run = measure(variant, cache, folder, base, tasks)
+                    results[cache][variant].append(run)
+                    print(f"repeat {repeat + 1}/{args.repeats} {cache} {variant}: {run}", file=sys.stderr, flush=True)
+        for cache in caches:
+            report(results[cache], input_bytes, cache)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

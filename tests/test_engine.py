@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -337,6 +341,57 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch, on_disk, error,
     else:
         assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert _threads_gone("lightning-merge-hash"), "the hash thread kept running after the merge failed"
+
+
+def _threads_gone(prefix: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [t for t in threading.enumerate() if t.name.startswith(prefix)]:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _hash_files_in_background(paths, followed):
+    marks = engine._ReadMarks()
+    pool = ThreadPoolExecutor(max_workers=1)
+    # small steps, so that a mark in the middle of a file is honoured within a few bytes
+    future = pool.submit(engine._hash_trailing, paths, "xxh3_128", marks, followed, 7)
+    pool.shutdown(wait=False)
+    return marks, future
+
+
+def test_hashing_trails_the_merge_and_matches_a_one_shot_hash(tmp_path):
+    paths = []
+    for i, size in enumerate([1000, 0, 333]):
+        paths.append(tmp_path / f"f{i}.safetensors")
+        paths[-1].write_bytes(os.urandom(size))
+    paths.append(tmp_path / "other.ckpt")  # not followed: hashed at once
+    paths[-1].write_bytes(os.urandom(500))
+    want = {p: "xxh3_128:" + xxh3_128_hexdigest(p.read_bytes()) for p in paths}
+    marks, future = _hash_files_in_background(paths, set(paths[:3]))
+    marks.advance(paths[0], 600)
+    marks.advance(paths[0], 200)  # marks never move back (keys read out of file order)
+    time.sleep(0.3)
+    assert not future.done(), "hashed past the merge's marks"
+    for end in (10, 700, 1000):
+        marks.advance(paths[0], end)
+    marks.advance(paths[2], 333)
+    assert future.result(timeout=10) == want  # every followed file reached its end: no close needed
+    marks, future = _hash_files_in_background(paths, set(paths[:3]))
+    marks.advance(paths[2], 100)
+    marks.close()  # the merge is done: the rest is hashed at once
+    assert future.result(timeout=10) == want
+
+
+def test_hashing_stops_when_the_merge_fails(tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(os.urandom(100))
+    marks, future = _hash_files_in_background([tmp_path / "a.safetensors"], {tmp_path / "a.safetensors"})
+    marks.advance(tmp_path / "a.safetensors", 50)
+    marks.close(abort=True)
+    with pytest.raises(RuntimeError, match="hashing stopped: the merge failed"):
+        future.result(timeout=10)
 
 
 def test_merged_folder_loads_in_transformers(tmp_path):

@@ -121,6 +121,20 @@ def test_hash_file_refuses_unknown_algorithm(tmp_path):
     (tmp_path / "blob").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"Expected argument `algorithm` to be one of \['xxh3_128', 'sha256'\]"):
         hash_file(tmp_path / "blob", "md5")
+    with pytest.raises(ValueError, match=r"Expected argument `chunk_size` to be a positive int \(bytes\), but got 0"):
+        hash_file(tmp_path / "blob", chunk_size=0)
+
+
+def test_hash_of_a_file_that_shrinks_while_hashed_names_it(tmp_path):
+    from lightning_merge.engine import _FileHash
+
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(100))
+    with _FileHash(path, "xxh3_128") as state:
+        state.update_to(10, memoryview(bytearray(16)))
+        os.truncate(path, 50)
+        with pytest.raises(OSError, match=r"'.*blob' shrank while it was hashed \(was 100 bytes, ends at 50\)"):
+            state.update_to(state.size, memoryview(bytearray(16)))
 
 
 @pytest.mark.parametrize("name", ["w.pt", "pytorch_model.bin", "w.pth"])
@@ -217,6 +231,29 @@ def test_hf_folder_sharded_safetensors(tmp_path, state):
     assert isinstance(source, HFFolderSource)
     assert_same(source, state)
     assert [p.name for p in source_files(source)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+
+
+def test_location_points_at_each_tensors_bytes(tmp_path, state):
+    """``location`` is what the engine reports to the hash thread: checked against the file's own bytes."""
+    save_file(state, str(tmp_path / "w.safetensors"))
+    (tmp_path / "hf").mkdir()
+    _sharded_hf_folder(tmp_path / "hf", state)
+    sources = [open_source(tmp_path / "w.safetensors"), open_source(tmp_path / "hf"),
+               open_source(tmp_path / "hf", add_prefix="model.")]
+    for source in sources:
+        for key in source.keys():
+            path, begin, end = source.location(key)
+            assert path in source_files(source), (source, key)
+            tensor = source.get_tensor(key).contiguous()
+            with open(path, "rb") as f:
+                f.seek(begin)
+                raw = f.read(end - begin)
+            assert raw == tensor.reshape(-1).view(torch.uint8).numpy().tobytes(), (source, key)
+    torch.save(state, tmp_path / "w.pt")
+    assert open_source(tmp_path / "w.pt").location("enc.weight") is None
+    assert open_source(state).location("enc.weight") is None
+    with pytest.raises(KeyError, match="'nope' is not in checkpoint"):
+        sources[0].location("nope")
 
 
 def test_hf_folder_single_safetensors_and_bin(tmp_path, state):

@@ -131,6 +131,14 @@ class _MappedSource:
         tensor = self._read(self._stored(key))
         return tensor if device is None else tensor.to(device)
 
+    def location(self, key: str) -> tuple[Path, int, int] | None:
+        """Where the bytes of ``key`` lie: ``(file, begin, end)`` byte offsets, or ``None`` where the format does
+        not say (pickled checkpoints, in-memory state dicts)."""
+        return self._location(self._stored(key))
+
+    def _location(self, stored: str) -> tuple[Path, int, int] | None:
+        return None
+
     def __contains__(self, key: object) -> bool:
         return key in self._map
 
@@ -252,6 +260,10 @@ class SafetensorsSource(_MappedSource):
         tensor = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
         _read_ahead(self.path, start, end - begin, tensor)
         return tensor
+
+    def _location(self, stored: str) -> tuple[Path, int, int]:
+        begin, end = self._offsets[stored]
+        return self.path, self._data_start + begin, self._data_start + end
 
 
 def _read_ahead(path: Path, start: int, length: int, tensor: Tensor) -> None:
@@ -465,6 +477,9 @@ class HFFolderSource(_MappedSource):
     def _read(self, stored: str) -> Tensor:
         return self._file(self._where[stored]).get_tensor(stored)
 
+    def _location(self, stored: str) -> tuple[Path, int, int] | None:
+        return self._file(self._where[stored]).location(stored)
+
 
 class PrefixedSource(_MappedSource):
     """Any :class:`CheckpointSource` with its keys renamed by ``prefix`` (stripped) and ``add_prefix``
@@ -488,6 +503,10 @@ class PrefixedSource(_MappedSource):
 
     def _read(self, stored: str) -> Tensor:
         return self.source.get_tensor(stored)
+
+    def _location(self, stored: str) -> tuple[Path, int, int] | None:
+        location = getattr(self.source, "location", None)
+        return location(stored) if location is not None else None
 
 
 def source_files(source: CheckpointSource) -> list[Path]:
