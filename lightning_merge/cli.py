@@ -204,7 +204,7 @@ _IO_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
     _arg("--overwrite", action=_FLAG, default=False, help="replace an existing output folder"),
     _arg("--hash", default="xxh3_128", choices=["xxh3_128", "sha256", "none"],
          help="hash of every input recorded in merge_record.json: xxh3_128 (default; at memory speed), sha256"
-         " (matches the Hugging Face Hub's file ids; about 5x the time of reading the inputs) or none"),
+         " (matches the Hugging Face Hub's file ids; about 10x the time of reading the inputs) or none"),
     _arg("--quiet", action=_FLAG, default=False, help="no progress bar and no summary"),
     _arg("--merge-into-base", action=_FLAG, default=False,
          help="adapters only: write the --base weights plus the merged update (model.safetensors,"

@@ -437,8 +437,8 @@ def _stream(
     merged: Collection[str] | None = None,
     marks: _ReadMarks | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Merge ``keys`` in order (only those in ``merged`` when given; the others are copied from the base); after
-    each key, report to ``marks`` how far into each file the merge has read."""
+    """Merge ``keys`` in order (only those in ``merged`` when given; the others are copied from the base);
+    after each key, report to ``marks`` how far into each file the merge has read."""
     def load(key: str) -> Loaded:
         return _load(base, finetuned, key, device, merged is None or key in merged)
 
@@ -503,8 +503,8 @@ def hash_file(path: str | os.PathLike, algorithm: str = "xxh3_128", chunk_size: 
     from the page cache here).
 
     ``algorithm``: ``"xxh3_128"`` (XXH3, 128 bits: about 12 GB/s on one core, which keeps up with reading the
-    file) or ``"sha256"`` (cryptographic, and the id the Hugging Face Hub shows for LFS files, but about 1.5 GB/s
-    with SHA extensions: 5-10x the time of reading the file from the page cache).
+    file) or ``"sha256"`` (cryptographic, and the id the Hugging Face Hub shows for LFS files, but about
+    1.5 GB/s with SHA extensions: about 10x the time of reading the file from the page cache).
 
     Example:
         >>> import tempfile
@@ -515,7 +515,9 @@ def hash_file(path: str | os.PathLike, algorithm: str = "xxh3_128", chunk_size: 
     """
     check_choice("algorithm", algorithm, HASHES)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"Expected argument `chunk_size` to be a positive int (bytes), but got {chunk_size!r}.")
+        raise ValueError(
+            f"Expected argument `chunk_size` to be a positive int (bytes), but got {chunk_size!r}."
+        )
     with _FileHash(Path(path), algorithm) as state:
         state.update_to(state.size, memoryview(bytearray(chunk_size)))
         return state.hexdigest()
@@ -537,8 +539,8 @@ class _FileHash:
             n = self._file.readinto(buffer[: min(len(buffer), end - self.done)])
             if not n:
                 raise OSError(
-                    f"Input file {str(self.path)!r} shrank while it was hashed (was {self.size} bytes, ends at"
-                    f" {self.done}): was it modified during the merge?"
+                    f"Input file {str(self.path)!r} shrank while it was hashed (was {self.size} bytes, ends"
+                    f" at {self.done}): was it modified during the merge?"
                 )
             self._digest.update(buffer[:n])
             self.done += n
@@ -559,10 +561,10 @@ class _FileHash:
 class _ReadMarks:
     """How far the merge has read into each input file, so that the hash thread can trail it.
 
-    The merge reports, after each key, the end offset of that key's bytes in every file it read; the hash thread
-    hashes each file front to back, but only up to that mark, so that it reads what the merge has just read while
-    it is still in the page cache instead of reading every input a second time from disk (inputs larger than
-    memory), or competing with the merge for the disk. :meth:`close` lifts the marks (the rest of each file is
+    The merge reports, after each key, the end offset of that key's bytes in every file it read; the hash
+    thread hashes each file front to back, but only up to that mark, so that it reads what the merge has just
+    read while it is still in the page cache instead of reading every input a second time from disk (inputs
+    larger than memory), or competing with the merge for the disk. :meth:`close` lifts the marks (the rest of each file is
     then hashed at once); ``close(abort=True)`` stops the hashing.
     """
 
@@ -759,11 +761,10 @@ def merge_checkpoints(
         progress: show a progress bar.
         prefix: key prefix stripped from every source (e.g. ``"model."`` for LightningModule checkpoints).
         base_prefix: the prefix of the base if it differs (default: ``prefix``).
-        input_hash: record the hash of every input file, as ``"<algorithm>:<hex>"``: ``"xxh3_128"`` (reads
-            each input once more, in a background thread: at memory speed from the page cache; from disk it
-            shares the merge's reads while the inputs fit in memory, and reads every input a second time when
-            they do not), ``"sha256"`` (matches the Hugging Face Hub's LFS ids; about 8x the time of reading
-            the inputs from the page cache) or ``None`` (no hashes).
+        input_hash: record the hash of every input file, as ``"<algorithm>:<hex>"``: ``"xxh3_128"`` (in a
+            background thread that trails the merge's reads of safetensors inputs, so it hashes the pages the
+            merge has just read; pickled checkpoints are read once more), ``"sha256"`` (matches the Hugging Face
+            Hub's LFS ids; about 10x the time of reading the inputs from the page cache) or ``None``.
 
     Returns:
         The :class:`MergeRecord`, also saved as ``output/merge_record.json``.

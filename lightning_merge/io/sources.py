@@ -73,7 +73,12 @@ HF_BIN_INDEX = "pytorch_model.bin.index.json"
 
 @runtime_checkable
 class CheckpointSource(Protocol):
-    """What the engine reads: a named, read-only mapping from keys to lazily loaded tensors."""
+    """What the engine reads: a named, read-only mapping from keys to lazily loaded tensors.
+
+    The sources of this module also have ``location(key)``, the file and byte range of a key where the format
+    says (safetensors); it is optional (the engine uses it, when present, to let the record's hashes trail its
+    reads).
+    """
 
     name: str
 
@@ -132,8 +137,8 @@ class _MappedSource:
         return tensor if device is None else tensor.to(device)
 
     def location(self, key: str) -> tuple[Path, int, int] | None:
-        """Where the bytes of ``key`` lie: ``(file, begin, end)`` byte offsets, or ``None`` where the format does
-        not say (pickled checkpoints, in-memory state dicts)."""
+        """Where the bytes of ``key`` lie: ``(file, begin, end)`` byte offsets, or ``None`` where the format
+        does not say (pickled checkpoints, in-memory state dicts)."""
         return self._location(self._stored(key))
 
     def _location(self, stored: str) -> tuple[Path, int, int] | None:
