@@ -564,8 +564,8 @@ class _ReadMarks:
     The merge reports, after each key, the end offset of that key's bytes in every file it read; the hash
     thread hashes each file front to back, but only up to that mark, so that it reads what the merge has just
     read while it is still in the page cache instead of reading every input a second time from disk (inputs
-    larger than memory), or competing with the merge for the disk. :meth:`close` lifts the marks (the rest of each file is
-    then hashed at once); ``close(abort=True)`` stops the hashing.
+    larger than memory), or competing with the merge for the disk. :meth:`close` lifts the marks (the rest of
+    each file is then hashed at once); ``close(abort=True)`` stops the hashing.
     """
 
     def __init__(self) -> None:
@@ -633,16 +633,24 @@ def _start_hashing(
     pool: Executor,
     marks: _ReadMarks,
 ) -> Future[dict[Path, str]] | None:
-    """The hash of every input file, computed in a worker thread while the merge runs (both hashes release the
-    GIL), trailing the merge's reads of safetensors files (see :class:`_ReadMarks`). On Linux the worker runs at
-    the lowest CPU priority, so that it takes the cycles the merge leaves idle (its single-threaded
+    """The hash of every input file, computed in a worker thread while the merge runs (both hashes release
+    the GIL), trailing the merge's reads of safetensors files (see :class:`_ReadMarks`). On Linux the worker
+    runs at the lowest CPU priority, so that it takes the cycles the merge leaves idle (its single-threaded
     eigendecompositions, I/O waits) rather than slowing it down."""
     if algorithm is None:
         return None
     files = list(dict.fromkeys(p for source in sources for p in source_files(source)))
-    # safetensors files are read through SafetensorsSource, which reports where each key lies (``location``)
-    followed = {p for p in files if p.suffix == ".safetensors"}
-    return pool.submit(_hash_trailing, files, algorithm, marks, followed)
+    return pool.submit(_hash_trailing, files, algorithm, marks, _located_files(sources))
+
+
+def _located_files(sources: Sequence[CheckpointSource]) -> set[Path]:
+    """The files whose reads the merge reports to :class:`_ReadMarks`: where a source locates some key."""
+    files: set[Path] = set()
+    for source in sources:
+        location = getattr(source, "location", None)  # optional: sources of other kinds may lack it
+        if location is not None:
+            files.update(where[0] for key in source.keys() if (where := location(key)) is not None)
+    return files
 
 
 def _lower_priority() -> None:
@@ -763,8 +771,8 @@ def merge_checkpoints(
         base_prefix: the prefix of the base if it differs (default: ``prefix``).
         input_hash: record the hash of every input file, as ``"<algorithm>:<hex>"``: ``"xxh3_128"`` (in a
             background thread that trails the merge's reads of safetensors inputs, so it hashes the pages the
-            merge has just read; pickled checkpoints are read once more), ``"sha256"`` (matches the Hugging Face
-            Hub's LFS ids; about 10x the time of reading the inputs from the page cache) or ``None``.
+            merge has just read; pickled checkpoints are read once more), ``"sha256"`` (matches the Hugging
+            Face Hub's LFS ids; about 10x the time of reading the inputs from the page cache) or ``None``.
 
     Returns:
         The :class:`MergeRecord`, also saved as ``output/merge_record.json``.
