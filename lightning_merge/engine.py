@@ -45,7 +45,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_merge.functional._checks import check_choice, finite_as
-from lightning_merge.io.sources import CheckpointSource, HFFolderSource, open_source, source_files
+from lightning_merge.io.sources import (
+    CheckpointSource,
+    HFFolderSource,
+    open_source,
+    source_files,
+    source_location,
+)
 from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_stream
 from lightning_merge.methods import MergeMethod, get_method
 
@@ -378,9 +384,7 @@ def _prefetched(load: Callable[[str], Loaded], keys: Sequence[str]) -> Iterator[
 
 def _mark_read(marks: _ReadMarks, sources: Sequence[CheckpointSource], key: str) -> None:
     for source in sources:
-        location = getattr(source, "location", None)  # optional: sources of other kinds may lack it
-        where = location(key) if location is not None else None
-        if where is not None:
+        if (where := source_location(source, key)) is not None:
             marks.advance(where[0], where[2])
 
 
@@ -645,12 +649,8 @@ def _start_hashing(
 
 def _located_files(sources: Sequence[CheckpointSource]) -> set[Path]:
     """The files whose reads the merge reports to :class:`_ReadMarks`: where a source locates some key."""
-    files: set[Path] = set()
-    for source in sources:
-        location = getattr(source, "location", None)  # optional: sources of other kinds may lack it
-        if location is not None:
-            files.update(where[0] for key in source.keys() if (where := location(key)) is not None)
-    return files
+    return {where[0] for source in sources for key in source.keys()
+            if (where := source_location(source, key)) is not None}
 
 
 def _lower_priority() -> None:

@@ -510,8 +510,13 @@ class PrefixedSource(_MappedSource):
         return self.source.get_tensor(stored)
 
     def _location(self, stored: str) -> tuple[Path, int, int] | None:
-        location = getattr(self.source, "location", None)
-        return location(stored) if location is not None else None
+        return source_location(self.source, stored)
+
+
+def source_location(source: CheckpointSource, key: str) -> tuple[Path, int, int] | None:
+    """``source.location(key)`` where the source has it (it is optional), else ``None``."""
+    location = getattr(source, "location", None)
+    return location(key) if location is not None else None
 
 
 def source_files(source: CheckpointSource) -> list[Path]:
