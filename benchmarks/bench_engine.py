@@ -159,7 +159,7 @@ def _write_floor(base: Path, out: Path) -> dict[str, float]:
 
 
 def _hash_inputs(algorithm: str, base: Path, tasks: list[Path]) -> dict[str, float]:
-    from lightning_merge.engine import hash_file
+    from lightning_merge.io.hashing import hash_file
 
     for path in [base, *tasks]:
         hash_file(path, algorithm)

@@ -20,31 +20,27 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 import heapq
 import json
 import logging
 import os
 import re
 import shutil
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_merge.functional._checks import check_choice, finite_as
+from lightning_merge.io.hashing import HASHES, ReadMarks, start_hashing
 from lightning_merge.io.sources import (
     CheckpointSource,
     HFFolderSource,
@@ -67,7 +63,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "merge_record.json"
-HASHES = ("xxh3_128", "sha256")
 SourceLike = str | os.PathLike | Mapping[str, Tensor] | CheckpointSource
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -382,7 +377,7 @@ def _prefetched(load: Callable[[str], Loaded], keys: Sequence[str]) -> Iterator[
             del loaded
 
 
-def _mark_read(marks: _ReadMarks, sources: Sequence[CheckpointSource], key: str) -> None:
+def _mark_read(marks: ReadMarks, sources: Sequence[CheckpointSource], key: str) -> None:
     for source in sources:
         if (where := source_location(source, key)) is not None:
             marks.advance(where[0], where[2])
@@ -439,7 +434,7 @@ def _stream(
     dtype: torch.dtype | None,
     progress: bool,
     merged: Collection[str] | None = None,
-    marks: _ReadMarks | None = None,
+    marks: ReadMarks | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Merge ``keys`` in order (only those in ``merged`` when given; the others are copied from the base);
     after each key, report to ``marks`` how far into each file the merge has read."""
@@ -499,165 +494,6 @@ class MergeRecord:
         path = Path(folder) / RECORD_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
-
-
-def hash_file(path: str | os.PathLike, algorithm: str = "xxh3_128", chunk_size: int = 2**17) -> str:
-    """``"<algorithm>:<hex digest>"`` of a file's bytes, read ``chunk_size`` bytes at a time into one reused
-    buffer (128 KiB by default: it stays in cache while hashed; reads of 256 KiB or more were up to 7x slower
-    from the page cache here).
-
-    ``algorithm``: ``"xxh3_128"`` (XXH3, 128 bits: about 12 GB/s on one core, which keeps up with reading the
-    file) or ``"sha256"`` (cryptographic, and the id the Hugging Face Hub shows for LFS files, but about
-    1.5 GB/s with SHA extensions: about 10x the time of reading the file from the page cache).
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "empty.bin"
-        >>> _ = path.write_bytes(b"")
-        >>> hash_file(path, "sha256")
-        'sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
-    """
-    check_choice("algorithm", algorithm, HASHES)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(
-            f"Expected argument `chunk_size` to be a positive int (bytes), but got {chunk_size!r}."
-        )
-    with _FileHash(Path(path), algorithm) as state:
-        state.update_to(state.size, memoryview(bytearray(chunk_size)))
-        return state.hexdigest()
-
-
-class _FileHash:
-    """The running hash of one file, read front to back."""
-
-    def __init__(self, path: Path, algorithm: str) -> None:
-        self.path, self.algorithm = path, algorithm
-        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        self.size = os.fstat(self._file.fileno()).st_size
-        self.done = 0
-        self._digest = hashlib.sha256() if algorithm == "sha256" else xxhash.xxh3_128()
-
-    def update_to(self, end: int, buffer: memoryview) -> None:
-        """Hash the file's bytes up to offset ``end``."""
-        while self.done < end:
-            n = self._file.readinto(buffer[: min(len(buffer), end - self.done)])
-            if not n:
-                raise OSError(
-                    f"Input file {str(self.path)!r} shrank while it was hashed (was {self.size} bytes, ends"
-                    f" at {self.done}): was it modified during the merge?"
-                )
-            self._digest.update(buffer[:n])
-            self.done += n
-
-    def hexdigest(self) -> str:
-        return f"{self.algorithm}:{self._digest.hexdigest()}"
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> _FileHash:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _ReadMarks:
-    """How far the merge has read into each input file, so that the hash thread can trail it.
-
-    The merge reports, after each key, the end offset of that key's bytes in every file it read; the hash
-    thread hashes each file front to back, but only up to that mark, so that it reads what the merge has just
-    read while it is still in the page cache instead of reading every input a second time from disk (inputs
-    larger than memory), or competing with the merge for the disk. :meth:`close` lifts the marks (the rest of
-    each file is then hashed at once); ``close(abort=True)`` stops the hashing.
-    """
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._marks: dict[Path, int] = {}
-        self._version = 0
-        self.closed = self.aborted = False
-
-    def advance(self, path: Path, end: int) -> None:
-        with self._changed:
-            if end > self._marks.get(path, 0):
-                self._marks[path] = end
-                self._version += 1
-                self._changed.notify_all()
-
-    def close(self, abort: bool = False) -> None:
-        with self._changed:
-            self.closed, self.aborted = True, self.aborted or abort
-            self._version += 1
-            self._changed.notify_all()
-
-    def limits(self, files: Sequence[_FileHash]) -> tuple[list[int], int]:
-        """Each file's hashable end now, and the version they were read at (for :meth:`wait`)."""
-        with self._changed:
-            ends = [f.size if self.closed else min(f.size, self._marks.get(f.path, 0)) for f in files]
-            return ends, self._version
-
-    def wait(self, version: int) -> None:
-        """Return once a mark moved (or the marks were closed) since ``version``."""
-        with self._changed:
-            self._changed.wait_for(lambda: self._version != version)
-
-
-def _hash_trailing(paths: Sequence[Path], algorithm: str, marks: _ReadMarks, followed: Collection[Path],
-                   step: int = 2**24) -> dict[Path, str]:
-    """The hashes of ``paths``: the ``followed`` files (those whose reads the merge reports) up to the merge's
-    marks, the others at once; a turn hashes at most ``step`` bytes of each file, round robin."""
-    _lower_priority()
-    buffer = memoryview(bytearray(2**17))
-    states = [_FileHash(p, algorithm) for p in paths]
-    try:
-        pending = states
-        while pending and not marks.aborted:
-            ends, version = marks.limits(pending)
-            ends = [e if f.path in followed else f.size for f, e in zip(pending, ends)]
-            moved = False
-            for state, end in zip(pending, ends):
-                if state.done < end:
-                    state.update_to(min(end, state.done + step), buffer)
-                    moved = True
-            pending = [f for f in pending if f.done < f.size]
-            if pending and not moved:
-                marks.wait(version)
-        if marks.aborted:
-            raise RuntimeError("hashing stopped: the merge failed")
-        return {f.path: f.hexdigest() for f in states}
-    finally:
-        for state in states:
-            state.close()
-
-
-def _start_hashing(
-    sources: Sequence[CheckpointSource],
-    algorithm: str | None,
-    pool: Executor,
-    marks: _ReadMarks,
-) -> Future[dict[Path, str]] | None:
-    """The hash of every input file, computed in a worker thread while the merge runs (both hashes release
-    the GIL), trailing the merge's reads of safetensors files (see :class:`_ReadMarks`). On Linux the worker
-    runs at the lowest CPU priority, so that it takes the cycles the merge leaves idle (its single-threaded
-    eigendecompositions, I/O waits) rather than slowing it down."""
-    if algorithm is None:
-        return None
-    files = list(dict.fromkeys(p for source in sources for p in source_files(source)))
-    return pool.submit(_hash_trailing, files, algorithm, marks, _located_files(sources))
-
-
-def _located_files(sources: Sequence[CheckpointSource]) -> set[Path]:
-    """The files whose reads the merge reports to :class:`_ReadMarks`: where a source locates some key."""
-    return {where[0] for source in sources for key in source.keys()
-            if (where := source_location(source, key)) is not None}
-
-
-def _lower_priority() -> None:
-    # Linux threads are scheduled like processes: PRIO_PROCESS with the thread's id renices this thread only.
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _describe_inputs(base: CheckpointSource, finetuned: Sequence[CheckpointSource],
@@ -797,10 +633,10 @@ def merge_checkpoints(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-hash")
-    marks = _ReadMarks()
+    marks = ReadMarks()
     try:
         tmp.mkdir()
-        hashing = _start_hashing([base_src, *ft_srcs], input_hash, pool, marks)
+        hashing = start_hashing([base_src, *ft_srcs], input_hash, pool, marks)
         keys, to_merge = list(plan.shapes), set(plan.merge_keys)
         stream = _stream(method, base_src, ft_srcs, keys, device, dtype, progress, to_merge, marks)
         files = write_stream(tmp, _output_specs(plan, base_src, dtype), stream, max_shard_size=max_shard_size)

@@ -19,7 +19,7 @@ import lightning_merge
 from lightning_merge import engine
 from lightning_merge import functional as F
 from lightning_merge.engine import MergePlan, merge_checkpoints, merge_keys, plan_merge, shard_keys, task_matrices
-from lightning_merge.io import open_source
+from lightning_merge.io import hashing, open_source
 from lightning_merge.methods import METHODS, TaskArithmetic, get_method
 
 T = 3
@@ -354,10 +354,10 @@ def _threads_gone(prefix: str, timeout: float = 10.0) -> bool:
 
 
 def _hash_files_in_background(paths, followed):
-    marks = engine._ReadMarks()
+    marks = hashing.ReadMarks()
     pool = ThreadPoolExecutor(max_workers=1)
     # small steps, so that a mark in the middle of a file is honoured within a few bytes
-    future = pool.submit(engine._hash_trailing, paths, "xxh3_128", marks, followed, 7)
+    future = pool.submit(hashing._hash_trailing, paths, "xxh3_128", marks, followed, 7)
     pool.shutdown(wait=False)
     return marks, future
 

@@ -106,7 +106,7 @@ def test_misaligned_safetensors_tensor_is_copied_out(tmp_path):
 def test_hash_file_matches_one_shot_hash(tmp_path, size, algorithm):
     import xxhash
 
-    from lightning_merge.engine import hash_file
+    from lightning_merge.io.hashing import hash_file
 
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(size))
@@ -116,7 +116,7 @@ def test_hash_file_matches_one_shot_hash(tmp_path, size, algorithm):
 
 
 def test_hash_file_refuses_unknown_algorithm(tmp_path):
-    from lightning_merge.engine import hash_file
+    from lightning_merge.io.hashing import hash_file
 
     (tmp_path / "blob").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"Expected argument `algorithm` to be one of \['xxh3_128', 'sha256'\]"):
@@ -126,7 +126,7 @@ def test_hash_file_refuses_unknown_algorithm(tmp_path):
 
 
 def test_hash_of_a_file_that_shrinks_while_hashed_names_it(tmp_path):
-    from lightning_merge.engine import _FileHash
+    from lightning_merge.io.hashing import _FileHash
 
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(100))
