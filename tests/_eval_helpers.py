@@ -61,12 +61,12 @@ def dict_forward(model, batch):
 
 @dataclasses.dataclass
 class Problem:
-    """Two tasks fine-tuned from one base; ``deltas`` are two methods' merged task matrices (scaling 1)."""
+    """Two tasks fine-tuned from one base; ``merged_matrices`` are two methods' merged task matrices (scaling 1)."""
 
     base: dict
     finetuned: dict
     heads: dict
-    deltas: dict
+    merged_matrices: dict
     test: dict
     val: dict
 
@@ -94,8 +94,8 @@ def make_problem(sizes=(("a", 13, 9), ("b", 11, 7)), batch_size=4, seed=0) -> Pr
         y = _labels(net, finetuned[task], heads[task], x, flip=i + 1)
         test[task] = DataLoader(TensorDataset(x[:n_test], y[:n_test]), batch_size=batch_size)
         val[task] = DataLoader(TensorDataset(x[n_test:], y[n_test:]), batch_size=batch_size)
-    deltas = {name: merged_delta(get_method(name), base, finetuned) for name in ("tsv_m", "task_arithmetic")}
-    return Problem(base, finetuned, heads, deltas, test, val)
+    merged_matrices = {name: merged_delta(get_method(name), base, finetuned) for name in ("tsv_m", "task_arithmetic")}
+    return Problem(base, finetuned, heads, merged_matrices, test, val)
 
 
 def merged_delta(method, base, finetuned):
@@ -113,7 +113,7 @@ class CompareOnValidationStart(pl.Callback):
     def on_validation_start(self, trainer, pl_module):
         p = self.problem
         loop = MergedEvalLoop(p.test, p.heads, metrics=accuracy_and_count, trainer=trainer)
-        report = loop.compare(pl_module, p.base, p.deltas, p.finetuned, p.val, grid=self.grid)
+        report = loop.compare(pl_module, p.base, p.merged_matrices, p.finetuned, p.val, grid=self.grid)
         state = {k: v.tolist() for k, v in pl_module.state_dict().items()}
         out = {"report": report.to_dict(), "state": state, "world_size": trainer.world_size}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))

@@ -146,10 +146,10 @@ def test_search_leaves_exactly_the_weights_of_the_chosen_lam():
     head_before = _state(model.head)
     rng = random.Random(0)
     grid = [rng.uniform(-1.0, 2.0) for _ in range(25)]
-    best, curve = search_scaling(MergedEvalLoop(p.val, p.heads), model, p.base, p.deltas["tsv_m"], grid)
+    best, curve = search_scaling(MergedEvalLoop(p.val, p.heads), model, p.base, p.merged_matrices["tsv_m"], grid)
     assert list(curve) == grid and best in grid
     for key in BODY:  # a fresh W0 + lam * M, not the end of 26 in-place updates
-        assert torch.equal(model.state_dict()[key], p.base[key] + best * p.deltas["tsv_m"][key])
+        assert torch.equal(model.state_dict()[key], p.base[key] + best * p.merged_matrices["tsv_m"][key])
     assert all(torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
 
 
@@ -179,7 +179,7 @@ def test_compare_reports_references_normalized_scores_and_keeps_the_best():
     model = TinyNet()
     head_before = _state(model.head)
     loop = MergedEvalLoop(p.test, p.heads)
-    report = loop.compare(model, p.base, p.deltas, p.finetuned, p.val, grid=(0.25, 0.5, 1.0), verbose=False)
+    report = loop.compare(model, p.base, p.merged_matrices, p.finetuned, p.val, grid=(0.25, 0.5, 1.0), verbose=False)
     assert list(report.rows) == ["pretrained", "finetuned", "tsv_m", "task_arithmetic"]
     ft = report.rows["finetuned"].scores
     for task in p.test:
@@ -190,9 +190,9 @@ def test_compare_reports_references_normalized_scores_and_keeps_the_best():
         merged = report.rows["tsv_m"].scores[task]["accuracy"]
         assert report.normalized("tsv_m")[task] == pytest.approx(merged / ft[task]["accuracy"])
     best = report.best
-    assert best in p.deltas and report.scaling[best] in (0.25, 0.5, 1.0)
+    assert best in p.merged_matrices and report.scaling[best] in (0.25, 0.5, 1.0)
     for key in BODY:
-        assert torch.equal(model.state_dict()[key], p.base[key] + report.scaling[best] * p.deltas[best][key])
+        assert torch.equal(model.state_dict()[key], p.base[key] + report.scaling[best] * p.merged_matrices[best][key])
     assert all(torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
 
 
@@ -272,12 +272,12 @@ def test_search_and_compare_validate_their_inputs():
     p = make_problem()
     loop, model = MergedEvalLoop(p.val, p.heads), TinyNet()
     with pytest.raises(ValueError, match="`grid`.*non-empty"):
-        search_scaling(loop, model, p.base, p.deltas["tsv_m"], grid=())
-    with pytest.raises(ValueError, match="`base` and `deltas\\['x'\\]`.*'body.bias'"):
-        loop.compare(model, p.base, {"x": {"body.weight": p.deltas["tsv_m"]["body.weight"]}})
+        search_scaling(loop, model, p.base, p.merged_matrices["tsv_m"], grid=())
+    with pytest.raises(ValueError, match="`base` and `merged_matrices\\['x'\\]`.*'body.bias'"):
+        loop.compare(model, p.base, {"x": {"body.weight": p.merged_matrices["tsv_m"]["body.weight"]}})
     extra = {**p.finetuned, "a": {**p.finetuned["a"], "other": torch.zeros(1)}}
     with pytest.raises(ValueError, match=r"`finetuned\['a'\]`.*'other'.*HINT"):
-        loop.compare(model, p.base, p.deltas, extra)
+        loop.compare(model, p.base, p.merged_matrices, extra)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
@@ -293,7 +293,7 @@ def test_ddp_spawn_gives_the_numbers_of_one_process(tmp_path):
     dummy = DataLoader(TensorDataset(torch.zeros(2, 4), torch.zeros(2)), batch_size=1)
     trainer.validate(model, dummy, verbose=False)
     loop = MergedEvalLoop(p.test, p.heads, metrics=accuracy_and_count)
-    report = loop.compare(model, p.base, p.deltas, p.finetuned, p.val, grid=(0.5, 1.0))
+    report = loop.compare(model, p.base, p.merged_matrices, p.finetuned, p.val, grid=(0.5, 1.0))
     assert report.rows["tsv_m"].scores["a"]["count"] == 13  # every sample once: no duplicates, no padding
     state = {k: v.tolist() for k, v in model.state_dict().items()}
     for rank in range(2):

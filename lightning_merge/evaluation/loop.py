@@ -161,7 +161,7 @@ class MergedEvalLoop:
 
     def _primary_metric(self, metric: str | None) -> tuple[str, bool]:
         collections = {task: build_metrics(factory, task) for task, factory in self.factories.items()}
-        name = metric or next(iter(collections[self.tasks[0]]))
+        name = metric or str(next(iter(collections[self.tasks[0]])))
         for task, collection in collections.items():
             if name not in collection:
                 raise ValueError(
@@ -246,7 +246,7 @@ class MergedEvalLoop:
         self,
         model: nn.Module,
         base: State,
-        deltas: Mapping[str, State] | None = None,
+        merged_matrices: Mapping[str, State] | None = None,
         finetuned: Mapping[str, State] | None = None,
         val_dataloaders: Mapping[str, Iterable] | None = None,
         grid: Sequence[float] = DEFAULT_GRID,
@@ -255,16 +255,16 @@ class MergedEvalLoop:
         """Score the pre-trained model, each task's own fine-tuned model and every method's merge.
 
         Rows: ``"pretrained"`` (``base`` loaded, with each task's head), ``"finetuned"`` (task ``t`` scored
-        with ``finetuned[t]`` and its head) and one per method ``name``: ``W0 + lam * deltas[name]`` at the
+        with ``finetuned[t]`` and its head) and one per method ``name``: ``W0 + lam * merged_matrices[name]`` at the
         ``lam`` of ``grid`` with the best mean score on ``val_dataloaders`` (:func:`search_scaling`; on this
         loop's own dataloaders when none are given, which flatters the merge). The model is left at the best
-        method's chosen ``lam`` (at ``base`` when ``deltas`` is empty). The table is logged on rank zero when
+        method's chosen ``lam`` (at ``base`` when ``merged_matrices`` is empty). The table is logged on rank zero when
         ``verbose``.
 
         Args:
             model: the model to load the states into; its heads are restored afterwards.
             base: ``W0`` of the merged keys.
-            deltas: ``{method name: M}``, each merged task matrix computed once with scaling 1, for the keys
+            merged_matrices: ``{method name: M}``, each merged task matrix computed once with scaling 1, for the keys
                 of ``base``.
             finetuned: ``{task: state}`` of each task's fine-tuned model, keys within those of ``base`` and
                 the task's head.
@@ -272,19 +272,19 @@ class MergedEvalLoop:
             grid: the values of ``lam`` to try.
             verbose: log the table with ``rank_zero_info``.
         """
-        deltas, grid = dict(deltas or {}), check_grid(grid)
-        for name, delta in deltas.items():
-            scaling_targets(model, base, delta, f"deltas[{name!r}]")
+        merged_matrices, grid = dict(merged_matrices or {}), check_grid(grid)
+        for name, matrix in merged_matrices.items():
+            scaling_targets(model, base, matrix, f"merged_matrices[{name!r}]")
         own = self._check_finetuned(base, finetuned)
         searcher = self if val_dataloaders is None else self.with_dataloaders(val_dataloaders)
         rows = {PRETRAINED: self._score_state(model, base), **self._score_finetuned(model, own)}
         scaling, curves = {}, {}
-        for name, delta in deltas.items():
-            scaling[name], curves[name] = search_scaling(searcher, model, base, delta, grid)
+        for name, matrix in merged_matrices.items():
+            scaling[name], curves[name] = search_scaling(searcher, model, base, matrix, grid)
             rows[name] = self.run(model, prefix=f"merged/{name}")
             self._log_values({f"merged/{name}/scaling": scaling[name]})
         report = MergeReport(self.metric, rows, scaling, curves, self.higher_is_better)
-        self._leave_at_best(model, base, deltas, report)
+        self._leave_at_best(model, base, merged_matrices, report)
         if verbose:
             rank_zero_info(f"Merge report:\n{report.to_table()}")
         return report
@@ -319,9 +319,9 @@ class MergedEvalLoop:
             )
 
     def _leave_at_best(
-        self, model: nn.Module, base: State, deltas: dict[str, State], report: MergeReport
+        self, model: nn.Module, base: State, merged_matrices: dict[str, State], report: MergeReport
     ) -> None:
         if report.best is None:
             load_state(model, base, "base")
         else:
-            apply_scaling(model, base, deltas[report.best], report.scaling[report.best])
+            apply_scaling(model, base, merged_matrices[report.best], report.scaling[report.best])

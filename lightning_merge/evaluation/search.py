@@ -46,46 +46,46 @@ def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
 def scaling_targets(
     model: nn.Module,
     base: Mapping[str, Tensor],
-    merged_delta: Mapping[str, Tensor],
-    name: str = "merged_delta",
+    merged_matrix: Mapping[str, Tensor],
+    name: str = "merged_matrix",
 ) -> dict[str, Tensor]:
-    """The model's tensors that ``W0 + lam * M`` writes, checked against ``base`` and ``merged_delta``.
+    """The model's tensors that ``W0 + lam * M`` writes, checked against ``base`` and ``merged_matrix``.
 
     Raises:
-        ValueError: ``base`` and ``merged_delta`` name different keys, a key the model lacks, or shapes
+        ValueError: ``base`` and ``merged_matrix`` name different keys, a key the model lacks, or shapes
             differ.
     """
-    if set(base) != set(merged_delta):
-        diff = sorted(set(base) ^ set(merged_delta))
+    if set(base) != set(merged_matrix):
+        diff = sorted(set(base) ^ set(merged_matrix))
         raise ValueError(
             f"Expected `base` and `{name}` to hold the same keys, but they differ on {diff[:5]}."
         )
     state = model.state_dict(keep_vars=True)
-    for key, delta in merged_delta.items():
+    for key, matrix in merged_matrix.items():
         if key not in state:
             raise ValueError(
                 f"Expected every key of `{name}` to name a parameter of the model, but got {key!r}."
             )
-        shapes = {tuple(state[key].shape), tuple(base[key].shape), tuple(delta.shape)}
+        shapes = {tuple(state[key].shape), tuple(base[key].shape), tuple(matrix.shape)}
         if len(shapes) != 1:
             raise ValueError(
                 f"Expected matching shapes for {key!r}, but the model, `base` and `{name}` have"
                 f" {sorted(shapes)}."
             )
-    return {key: state[key] for key in merged_delta}
+    return {key: state[key] for key in merged_matrix}
 
 
 @torch.no_grad()
 def _apply(
-    targets: dict[str, Tensor], base: Mapping[str, Tensor], delta: Mapping[str, Tensor], lam: float
+    targets: dict[str, Tensor], base: Mapping[str, Tensor], matrix: Mapping[str, Tensor], lam: float
 ) -> None:
     for key, target in targets.items():
         dtype = compute_dtype(target.dtype)
-        target.copy_(base[key].to(target.device, dtype) + lam * delta[key].to(target.device, dtype))
+        target.copy_(base[key].to(target.device, dtype) + lam * matrix[key].to(target.device, dtype))
 
 
 def apply_scaling(
-    model: nn.Module, base: Mapping[str, Tensor], merged_delta: Mapping[str, Tensor], scaling: float
+    model: nn.Module, base: Mapping[str, Tensor], merged_matrix: Mapping[str, Tensor], scaling: float
 ) -> None:
     """Set the merged parameters of ``model`` in place to ``W = W0 + lam * M``, with ``lam = scaling``.
 
@@ -99,14 +99,14 @@ def apply_scaling(
         tensor([[0.5000, 0.0000],
                 [0.0000, 0.5000]])
     """
-    _apply(scaling_targets(model, base, merged_delta), base, merged_delta, float(scaling))
+    _apply(scaling_targets(model, base, merged_matrix), base, merged_matrix, float(scaling))
 
 
 def search_scaling(
     loop: MergedEvalLoop,
     model: nn.Module,
     base: Mapping[str, Tensor],
-    merged_delta: Mapping[str, Tensor],
+    merged_matrix: Mapping[str, Tensor],
     grid: Sequence[float] = DEFAULT_GRID,
 ) -> ScalingSearch:
     """Score ``W0 + lam * M`` for every ``lam`` of ``grid`` with ``loop`` and leave the model at the best one.
@@ -119,17 +119,17 @@ def search_scaling(
         loop: scores the model on every task (its dataloaders are the validation data).
         model: holds ``W0 + lam * M`` for the keys of ``base`` when this returns.
         base: ``W0``, the pre-trained values of the merged keys.
-        merged_delta: ``M``, the merged task matrix of the same keys, computed once with scaling 1
+        merged_matrix: ``M``, the merged task matrix of the same keys, computed once with scaling 1
             (``method.with_scaling(1.0).merge(task_vectors)`` per key).
         grid: the values of ``lam`` to try.
     """
     grid = check_grid(grid)
-    targets = scaling_targets(model, base, merged_delta)
+    targets = scaling_targets(model, base, merged_matrix)
     curve = {}
     for lam in grid:
-        _apply(targets, base, merged_delta, lam)
+        _apply(targets, base, merged_matrix, lam)
         curve[lam] = loop.run(model, log=False).mean[loop.metric]
     sign = 1.0 if loop.higher_is_better else -1.0
     best = max(grid, key=lambda lam: -math.inf if math.isnan(curve[lam]) else sign * curve[lam])
-    _apply(targets, base, merged_delta, best)
+    _apply(targets, base, merged_matrix, best)
     return ScalingSearch(best, curve)
