@@ -2,12 +2,13 @@
 
     python examples/cli_merge.py [--fast] [--out runs/cli_merge] [--config examples/merge.yaml]
 
-1. The checkpoints named in the config (``examples/merge.yaml``: a pre-trained digits model and fine-tunes named
-   after digits tasks, paths relative to ``--out``) are written first when they do not exist: one ordinary
-   ``Trainer.fit`` each, saved as Lightning ``.ckpt`` files with ``trainer.save_checkpoint``.
+1. The config (``examples/merge.yaml``) is copied into ``--out``: the command resolves the relative paths of a
+   config from the config's folder. The checkpoints it names (a pre-trained digits model and fine-tunes named after
+   digits tasks) are written first when they do not exist: one ordinary ``Trainer.fit`` each, saved as Lightning
+   ``.ckpt`` files with ``trainer.save_checkpoint``.
 2. The real console command merges them twice, in ``--out``:
-   ``lightning-merge --config merge.yaml`` (TSV-M, as configured), then the same config with flags that override
-   it, ``--method task_arithmetic --output merged/task_arithmetic``.
+   ``lightning-merge merge --config merge.yaml`` (TSV-M, as configured), then the same config with flags that
+   override it, ``--method task_arithmetic --output merged/task_arithmetic``.
 3. Each merged output folder (sharded safetensors, an index and ``merge_record.json``) is loaded back into the model
    and every task is scored on its test split with its own head (the heads are excluded from the merge), next to
    the pre-trained model and the task's own fine-tune.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,18 +113,22 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="fewer training steps (about 30 s)")
     parser.add_argument("--out", type=Path, default=Path("runs/cli_merge"), help="where the files are (written)")
     parser.add_argument("--config", type=Path, default=Path(__file__).with_name("merge.yaml"),
-                        help="the lightning-merge YAML config (paths relative to --out)")
+                        help="the lightning-merge YAML config, copied into --out (paths relative to --out)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     pl.seed_everything(args.seed, verbose=False)
-    out, config = args.out.absolute(), args.config.absolute()
+    out, source = args.out.absolute(), args.config.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "merge.yaml"  # relative paths in a config are resolved from its folder: --out
+    if source != config:
+        shutil.copyfile(source, config)
     base, tasks = config_paths(config, out)
     data = Digits(seed=args.seed)
     if not all(p.is_file() for p in [base, *tasks.values()]):
         make_checkpoints(data, base, tasks, (150, 30) if args.fast else (1500, 300))
-    lightning_merge(["--config", str(config)], cwd=out)
-    lightning_merge(["--config", str(config), *OVERRIDE], cwd=out)
+    lightning_merge(["merge", "--config", config.name], cwd=out)
+    lightning_merge(["merge", "--config", config.name, *OVERRIDE], cwd=out)
     output = out / yaml.safe_load(config.read_text())["output"]
     merged = {"tsv_m": output, "task_arithmetic": out / OVERRIDE[-1]}
     print(f"merged folders: {', '.join(sorted(p.name for p in output.iterdir()))}")

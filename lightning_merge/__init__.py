@@ -29,6 +29,7 @@ _LAZY = {
     "open_source": "lightning_merge.io",
     "load_adapter": "lightning_merge.lora",
     "merge_adapters": "lightning_merge.lora",
+    "merge_adapters_into_base": "lightning_merge.lora",
     "merge_into_base": "lightning_merge.lora",
 }
 
@@ -57,6 +58,7 @@ __all__ = [
     "get_method",
     "load_adapter",
     "merge_adapters",
+    "merge_adapters_into_base",
     "merge_checkpoints",
     "merge_into_base",
     "open_source",

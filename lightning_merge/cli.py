@@ -1,75 +1,77 @@
-"""The ``lightning-merge`` command: merge checkpoints on disk with any registered method.
+"""The ``lightning-merge`` command: merge checkpoints or peft LoRA adapters on disk with any registered method.
 
 Usage::
 
-    lightning-merge --base B --finetuned F1 F2 F3 --method tsv_m --rank 0.125 --exclude 'head.*' --output OUT
-    lightning-merge --config merge.yaml [--overwrite ...]
-    lightning-merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --output MERGED_ADAPTER
-    lightning-merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --merge-into-base --base BASE --output MERGED_MODEL
+    lightning-merge merge --base B --finetuned F1 F2 F3 --method tsv_m --rank 0.125 --exclude 'head.*' --output OUT
+    lightning-merge merge --config merge.yaml --method task_arithmetic --output OUT2   # flags after --config win
+    lightning-merge merge --config merge.yaml --print-config > effective.yaml           # the effective configuration
+    lightning-merge merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --output MERGED_ADAPTER
+    lightning-merge merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --merge-into-base --base BASE --output MODEL
 
-A YAML config holds the same arguments under the same names (``finetuned: [F1, F2]``, ``max_shard_size: 2GB``,
-``strict: false``); they are parsed exactly like the flags, and flags given on the command line override them.
-When every ``--finetuned`` path is a peft LoRA adapter folder (it holds ``adapter_config.json``), the adapters are
-merged in low-rank form (:func:`~lightning_merge.lora.merge_adapters`) into one peft adapter folder, or with
-``--merge-into-base`` into the ``--base`` weights; ``--base`` is then needed only for ``--merge-into-base``.
-The method options (``--rank``, ``--density``, ...) are derived from the method classes' fields. Bad input
-ends with ``lightning-merge: error: <reason>`` on stderr and exit code 2.
+``merge`` is the only command so far, and the default one: ``lightning-merge --base B ...`` (no command name) is the
+same as ``lightning-merge merge --base B ...``. The parser is jsonargparse's (the one ``LightningCLI`` uses):
+
+* ``--config merge.yaml`` holds the same arguments under the same names (``finetuned: [F1, F2]``, ``rank: 0.125``,
+  ``max_shard_size: 2GB``, ``strict: false``; ``-`` or ``_`` in names), type-checked like the flags; flags after
+  ``--config`` override it, and ``--print-config`` prints the effective configuration as YAML (which, given back with
+  ``--config``, runs the same merge).
+* Relative paths (``base``, ``finetuned``, ``output``) in a YAML file are resolved from the YAML file's folder; on the
+  command line, from the working directory.
+* ``null`` means "not set": a method option set to ``null`` takes the method's default, as does one left out.
+* Method options (``--rank``, ``--density``, ...) come from the method classes' typed fields
+  (:mod:`lightning_merge.methods`). A ``--method`` flag unsets the method options set before it (by a ``--config``
+  file or an earlier flag) that the new method does not take, so ``--config ties.yaml --method tsv_m`` drops the
+  YAML's ``density``; an option set after ``--method``, or in the same YAML file as ``method``, that the method does
+  not take is an error.
+* When every ``--finetuned`` path is a peft LoRA adapter folder (it holds ``adapter_config.json``), the adapters are
+  merged in low-rank form (:func:`~lightning_merge.lora.merge_adapters`) into one peft adapter folder, or with
+  ``--merge-into-base`` into the ``--base`` weights (:func:`~lightning_merge.lora.merge_adapters_into_base`);
+  ``--base`` is then needed only for ``--merge-into-base``.
+
+Bad input (an unknown key, a value of the wrong type, a missing file...) ends with one line
+``lightning-merge: error: <reason>`` on stderr, naming the key, and exit code 2; Ctrl-C with exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import inspect
 import logging
+import os
 import re
-import shutil
-import uuid
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal
 
-import torch
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_loader
 
-from lightning_merge.engine import DTYPES, _check_output, _replace, merge_checkpoints
-from lightning_merge.io import CheckpointSource, open_source
-from lightning_merge.io.writer import TensorSpec, write_stream
-from lightning_merge.lora import CONFIG_NAME, LoraAdapter, merge_adapters, merge_into_base
+from lightning_merge.engine import DTYPES, merge_checkpoints
+from lightning_merge.io.hashing import HASHES
+from lightning_merge.io.output import check_output
+from lightning_merge.lora import CONFIG_NAME, merge_adapters, merge_adapters_into_base
 from lightning_merge.methods import METHODS, get_method
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_args", "parse_size", "run"]
 
 PROG = "lightning-merge"
+COMMANDS = ("merge",)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_YAML_MODE = "lightning_merge_yaml"
+_EXPECTED: dict[str, str] = {}  # key -> what its value must be, for one-line error messages
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+class UsageError(ValueError):
+    """A command line or config that does not parse: reported as one line, exit code 2."""
 
 
-# ------------------------------------------------------------------------------------ value parsers
+# ------------------------------------------------------------------------------------ value types
 
 
-def _none_or(parse: Any) -> Any:
-    def parser(text: str) -> Any:
-        return None if text.strip().lower() in ("none", "null", "~") else parse(text)
-
-    parser.__name__ = getattr(parse, "__name__", "value")
-    return parser
-
-
-def _number(text: str) -> int | float:
-    """An int when written as one (``8``), else a float (``0.125``)."""
-    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else float(text)
-
-
-def parse_size(text: str) -> int:
+def parse_size(text: str | int) -> int:
     """Bytes from ``"5GB"``, ``"500MiB"`` or ``"1048576"``.
 
     Example:
@@ -78,20 +80,70 @@ def parse_size(text: str) -> int:
     """
     match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MiB or 1048576, but got {text!r}")
+    if not match or unit not in _SIZE_UNITS or isinstance(text, bool):
+        raise ValueError(f"expected a size such as 5GB, 500MiB or 1048576, but got {text!r}")
     size = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if size <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive size, but got {text!r}")
+        raise ValueError(f"expected a positive size, but got {text!r}")
     return size
+
+
+class _Type:
+    """A value type of the parser, named in ``--help`` and in messages."""
+
+    def __init__(self, name: str, parse: Callable[[Any], Any]) -> None:
+        self.name, self.parse = name, parse
+
+    def __call__(self, value: Any) -> Any:
+        return self.parse(value)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _absolute(text: Any) -> str:
+    # jsonargparse parses a --config file's values from inside the file's folder (it changes into it): a relative
+    # path in a YAML file is resolved from the YAML file's folder, one on the command line from the working directory
+    if not isinstance(text, str | os.PathLike) or not os.fspath(text):
+        raise ValueError(f"expected a path, but got {text!r}")
+    return os.path.abspath(os.path.expanduser(os.fspath(text)))
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, but got {value!r}")
+    return value
+
+
+PATH, SIZE, BOOL = _Type("path", _absolute), _Type("size", parse_size), _Type("bool", _boolean)
+
+
+class _Switch(argparse.Action):
+    """``--name`` sets True, ``--no-name`` False; in a config file, ``name: true`` or ``name: false``."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: bool = False, help: str | None = None,
+                 **kwargs: Any) -> None:
+        flags = [*option_strings, *(["--no-" + option_strings[0][2:]] if len(option_strings) == 1 else [])]
+        super().__init__(flags, dest, nargs=0, default=default, type=BOOL, help=help)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not str(option_string).startswith("--no-"))
+
+
+def _load_yaml(text: str) -> Any:
+    """jsonargparse's loader for config files and values: YAML, with ``-`` in top-level names read as ``_``."""
+    data = yaml.safe_load(text)
+    return {str(k).replace("-", "_"): v for k, v in data.items()} if isinstance(data, dict) else data
+
+
+set_loader(_YAML_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
 
 
 # ------------------------------------------------------------------------ method options from fields
 
 
 def _method_fields() -> dict[str, list[tuple[str, Any, Any]]]:
-    """``{option: [(method name, type hint, default), ...]}`` over every registered method's dataclass
-    fields."""
+    """``{option: [(method name, type hint, default), ...]}`` over every registered method's dataclass fields."""
     options: dict[str, list[tuple[str, Any, Any]]] = {}
     for name, cls in METHODS.items():
         hints = typing.get_type_hints(cls)
@@ -100,219 +152,233 @@ def _method_fields() -> dict[str, list[tuple[str, Any, Any]]]:
     return options
 
 
-def _argument_for(hint: Any) -> dict[str, Any]:
-    """argparse keywords (``type``, ``choices``, ``nargs``) for a field's type hint."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    if typing.get_origin(hint) is typing.Literal:
-        return {"choices": list(args), "metavar": "{" + ",".join(map(str, args)) + "}"}
-    if typing.get_origin(hint) is tuple or any(typing.get_origin(a) is tuple for a in args):
-        return {"type": float, "nargs": "+", "metavar": "W"}
-    if set(args) == {int, float}:
-        return {"type": _none_or(_number) if optional else _number, "metavar": "N"}
-    base = args[0] if args else hint
-    literal = typing.get_origin(base) is typing.Literal
-    if literal:
-        choices = typing.get_args(base)
-        return {"choices": list(choices), "metavar": "{" + ",".join(choices) + "}"}
-    return {"type": _none_or(base) if optional else base, "metavar": base.__name__.upper()}
+def _describe(hint: Any) -> str:
+    """What a value of type ``hint`` looks like, in words (for error messages)."""
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is Literal:
+        return f"one of {list(typing.get_args(hint))}"
+    if typing.get_origin(hint) is tuple:
+        return "a list of numbers"
+    args = typing.get_args(hint)
+    if args:
+        words = [_describe(a) for a in args]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    return {bool: "true or false", int: "an int", float: "a float", str: "a string"}.get(hint, str(hint))
 
 
 _OPTION_DOCS = {
     "scaling": "the coefficient lam of W = W0 + lam * M",
     "weights": "one weight per fine-tuned checkpoint, multiplying its task vector",
     "density": "fraction of each task vector kept by magnitude (TIES trim)",
-    "rank": "singular components kept per task: an int, a fraction of min(m, n) such as 0.125, or none for"
+    "rank": "singular components kept per task: an int, a fraction of min(m, n) such as 0.125, or null for"
     " min(m, n) // T",
     "solver": "SVD solver",
     "basis": "SFTM bases: features (the paper) or orthogonal (TSV-M's orthogonalized bases)",
-    "rcond": "relative cut-off of the minimum-norm least-squares solve, or none for the default",
+    "rcond": "relative cut-off of the minimum-norm least-squares solve, or null for the default",
 }
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else repr(value)
 
 
 def _option_help(option: str, entries: list[tuple[str, Any, Any]]) -> str:
     if len(entries) == len(METHODS) and len({repr(d) for _, _, d in entries}) == 1:
-        where = f"every method; default {entries[0][2]!r}"
+        where = f"every method; default {_yaml(entries[0][2])}"
     else:
-        where = "; ".join(f"{name}: default {default!r}" for name, _, default in entries)
-    return f"{_OPTION_DOCS.get(option, option)} [{where}]".replace("%", "%%")
+        where = "; ".join(f"{name}: default {_yaml(default)}" for name, _, default in entries)
+    return f"{_OPTION_DOCS.get(option, option)} [{where}; null: the method's default]".replace("%", "%%")
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("method options (from the method classes; see lightning_merge.methods)")
+class _MethodAction(argparse.Action):
+    """``--method NAME`` on the command line; it unsets the method options set before it that NAME does not take."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        taken = {f.name for f in dataclasses.fields(METHODS[values])}
+        for option in _method_fields():
+            if option not in taken and getattr(namespace, option, None) is not None:
+                setattr(namespace, option, None)
+        setattr(namespace, self.dest, values)
+
+
+def _add_method_options(parser: ArgumentParser) -> None:
+    group = parser.add_argument_group("method options (from the method classes' fields; see lightning_merge.methods)")
     for option, entries in _method_fields().items():
-        group.add_argument(f"--{option.replace('_', '-')}", dest=option, default=argparse.SUPPRESS,
-                           help=_option_help(option, entries), **_argument_for(entries[0][1]))
+        hint, flag, help_ = entries[0][1], f"--{option.replace('_', '-')}", _option_help(option, entries)
+        if typing.get_origin(hint) is tuple or any(typing.get_origin(a) is tuple for a in typing.get_args(hint)):
+            _add(group, flag, "a list of numbers", type=float, nargs="+", metavar="W", default=None, help=help_)
+        else:
+            _add(group, flag, _describe(hint | None), type=hint | None, default=None, help=help_)
+
+
+def _method_from(cfg: Namespace) -> Any:
+    options = {name: cfg[name] for name in _method_fields() if cfg.get(name) is not None}
+    if "weights" in options:
+        options["weights"] = tuple(options["weights"])
+    return get_method(cfg.method, **options)
 
 
 # ---------------------------------------------------------------------------------------- the parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lightning-merge`` argument parser (every option documented in ``--help``)."""
-    parser = _Parser(
-        prog=PROG,
+def _add(container: Any, flag: str, expected: str, **options: Any) -> None:
+    _EXPECTED[flag[2:].replace("-", "_")] = expected
+    container.add_argument(flag, **options)
+
+
+def _default(name: str, function: Callable[..., Any] = merge_checkpoints) -> Any:
+    """The default of a parameter of a public function: the command's defaults are the Python API's."""
+    return inspect.signature(function).parameters[name].default
+
+
+def _add_io_arguments(parser: ArgumentParser) -> None:
+    _add(parser, "--base", "a path", type=PATH, default=None,
+         help="the pre-trained checkpoint: .safetensors, .ckpt, .bin/.pt, or a Hugging Face folder (required, except"
+         " for adapters without --merge-into-base)")
+    _add(parser, "--finetuned", "a list of paths", type=PATH, nargs="+", metavar="CKPT", default=None,
+         help="the fine-tuned checkpoints (same formats), or peft LoRA adapter folders (all of them: adapters and"
+         " checkpoints do not mix) (required)")
+    _add(parser, "--method", f"one of {sorted(METHODS)}", action=_MethodAction, choices=sorted(METHODS),
+         default=None, help="the merge method (required); unsets the earlier options it does not take")
+    _add(parser, "--output", "a path", type=PATH, default=None,
+         help="output folder: model.safetensors (sharded above --max-shard-size) + merge_record.json (required)")
+    _add(parser, "--exclude", "a list of patterns", type=str, nargs="+", metavar="PATTERN",
+         default=list(_default("exclude")),
+         help="task-specific keys never merged (copied from the base): globs such as 'head.*', or 're:<regex>'")
+    _add(parser, "--prefix", "a string or null", type=str | None, default=_default("prefix"),
+         help="key prefix stripped from every checkpoint, e.g. 'model.' for LightningModule .ckpt files")
+    _add(parser, "--base-prefix", "a string or null", type=str | None, default=_default("base_prefix"),
+         help="key prefix stripped from the base only (default: --prefix)")
+    _add(parser, "--device", "a string", type=str, default="cpu",
+         help="device the merge runs on, e.g. cpu or cuda:0 (adapters are merged on cpu)")
+    _add(parser, "--dtype", f"one of {sorted(DTYPES)} or null", type=Literal[tuple(sorted(DTYPES))] | None,
+         default=_default("dtype"), help="dtype of the merged weights (default: the base's)")
+    _add(parser, "--max-shard-size", "a size such as 5GB, 500MiB or 1048576", type=SIZE, metavar="SIZE",
+         default=_default("max_shard_size"), help="shard size limit in bytes, or e.g. 5GiB, 500MB")
+
+
+def _add_switches(parser: ArgumentParser) -> None:
+    _add(parser, "--strict", "true or false", action=_Switch, default=_default("strict"),
+         help="fail on missing keys or shape mismatches; --no-strict merges the common keys and reports the rest")
+    _add(parser, "--overwrite", "true or false", action=_Switch, default=_default("overwrite"),
+         help="replace an existing output folder")
+    _add(parser, "--hash", f"one of {[*HASHES, 'none']}", choices=[*HASHES, "none"],
+         default=_default("input_hash"),
+         help="hash of every input recorded in merge_record.json: xxh3_128 (at memory speed), sha256 (matches the"
+         " Hugging Face Hub's file ids; about 10x the time of reading the inputs) or none")
+    _add(parser, "--quiet", "true or false", action=_Switch, default=False, help="no progress bar and no summary")
+    _add(parser, "--merge-into-base", "true or false", action=_Switch, default=False,
+         help="adapters only: write the --base weights plus the merged update (model.safetensors,"
+         " merge_record.json, the base's config.json) instead of a merged adapter")
+    _add(parser, "--compact", "true or false", action=_Switch, default=_default("compact", merge_adapters),
+         help="adapters only: store each merged module as the SVD of its update, of minimal rank")
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of ``lightning-merge merge`` (also the command without a name); every option is in ``--help``."""
+    parser = ArgumentParser(
+        prog=f"{PROG} [merge]", exit_on_error=False, allow_abbrev=False, print_config="--print-config",
+        parser_mode=_YAML_MODE, env_prefix=False,
         description="Merge fine-tuned checkpoints into one model, parameter by parameter, or peft LoRA adapters"
-        " into one adapter (when every --finetuned path is an adapter folder, with adapter_config.json).",
-        epilog="Example: lightning-merge --base base.safetensors --finetuned a.ckpt b.ckpt --prefix model."
-        " --method tsv_m --rank 0.125 --exclude 'head.*' --output merged/. Adapters: lightning-merge --finetuned"
-        " adapter_a/ adapter_b/ --method tsv_m --output merged_adapter/ (add --merge-into-base --base base_model/"
-        " for full weights).",
+        " into one adapter (when every --finetuned path is an adapter folder, with adapter_config.json). Commands:"
+        " merge (the default: the command name may be left out).",
+        epilog="Example: lightning-merge merge --base base.safetensors --finetuned a.ckpt b.ckpt --prefix model."
+        " --method tsv_m --rank 0.125 --exclude 'head.*' --output merged/. Adapters: lightning-merge merge"
+        " --finetuned adapter_a/ adapter_b/ --method tsv_m --output merged_adapter/ (add --merge-into-base --base"
+        " base_model/ for full weights). In a --config YAML file, relative paths are resolved from its folder.",
     )
-    parser.add_argument(
-        "--config", type=Path, metavar="YAML",
-        help="YAML file whose keys mirror these arguments (base, finetuned, method, rank, exclude, ...);"
-        " command-line flags override it",
-    )
-    for flag, options in _IO_ARGUMENTS:
-        parser.add_argument(flag, **options)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file whose keys are these arguments (base, finetuned, method, rank, exclude, ...);"
+                        " flags after it override it")
+    _add_io_arguments(parser)
+    _add_switches(parser)
     _add_method_options(parser)
     return parser
 
 
-_FLAG = argparse.BooleanOptionalAction
+# -------------------------------------------------------------------------------------- parsing
 
 
-def _arg(flag: str, **options: Any) -> tuple[str, dict[str, Any]]:
-    return flag, options
+def _usage_message(text: str) -> str:
+    """One line naming the key, from a jsonargparse or argparse error message."""
+    unknown = re.search(r"Option '([^']+)' is not accepted", text)
+    if unknown:
+        return f"unknown key {unknown.group(1)!r} in --config; expected some of {sorted(_EXPECTED)}"
+    if text.startswith("Unexpected config"):
+        return "expected --config to hold a mapping of argument names to values, but got " + " ".join(text.split()[2:])
+    if text.startswith("Problems parsing config"):
+        return "cannot read --config: " + " ".join(text.split(":", 1)[1].split())
+    match = re.match(r'Parser key "(\w+)"[^:]*:(.*)', text, re.S) or re.match(
+        r"argument --([\w-]+): invalid \w+ value:(.*)", text, re.S)
+    key = match.group(1).replace("-", "_") if match else None
+    if key == "config":
+        return "cannot read --config: " + " ".join(match.group(2).split())
+    if key not in _EXPECTED:
+        return " ".join(text.split())
+    given = re.search(r"(?:Given value|Got value|but got):?\s*(.+?)\s*$|^\s*('.*') not among choices", match.group(2))
+    value = (given.group(1) or given.group(2)) if given else None
+    value = match.group(2).strip() if text.startswith("argument --") else value
+    shown = "" if value is None else " " + (value if value[:1] in "'\"" else repr(value))
+    return f"argument --{key.replace('_', '-')}: invalid value{shown}: expected {key!r} to be {_EXPECTED[key]}"
 
 
-_IO_ARGUMENTS: list[tuple[str, dict[str, Any]]] = [
-    _arg("--base", required=True,
-         help="the pre-trained checkpoint: .safetensors, .ckpt, .bin/.pt, or a Hugging Face folder"),
-    _arg("--finetuned", required=True, nargs="+", metavar="CKPT",
-         help="the fine-tuned checkpoints (same formats), or peft LoRA adapter folders (all of them: adapters and"
-         " checkpoints do not mix); --base is then optional"),
-    _arg("--method", required=True, choices=sorted(METHODS), help="the merge method"),
-    _arg("--output", required=True,
-         help="output folder: model.safetensors (sharded above --max-shard-size) + merge_record.json"),
-    _arg("--exclude", nargs="+", default=[], metavar="PATTERN",
-         help="task-specific keys never merged (copied from the base): globs such as 'head.*', or"
-         " 're:<regex>'"),
-    _arg("--prefix", default=None,
-         help="key prefix stripped from every checkpoint, e.g. 'model.' for LightningModule .ckpt files"),
-    _arg("--base-prefix", default=None, help="key prefix stripped from the base only (default: --prefix)"),
-    _arg("--device", default="cpu",
-         help="device the merge runs on, e.g. cpu or cuda:0 (default: cpu; adapters are merged on cpu)"),
-    _arg("--dtype", default=None, choices=sorted(DTYPES),
-         help="dtype of the merged weights (default: the base's)"),
-    _arg("--max-shard-size", type=parse_size, default="5GiB", metavar="SIZE",
-         help="shard size limit, e.g. 5GiB, 500MB (default: 5GiB)"),
-    _arg("--strict", action=_FLAG, default=True,
-         help="fail on missing keys or shape mismatches (default); --no-strict merges the common keys and"
-         " reports the rest"),
-    _arg("--overwrite", action=_FLAG, default=False, help="replace an existing output folder"),
-    _arg("--hash", default="xxh3_128", choices=["xxh3_128", "sha256", "none"],
-         help="hash of every input recorded in merge_record.json: xxh3_128 (default; at memory speed), sha256"
-         " (matches the Hugging Face Hub's file ids; about 10x the time of reading the inputs) or none"),
-    _arg("--quiet", action=_FLAG, default=False, help="no progress bar and no summary"),
-    _arg("--merge-into-base", action=_FLAG, default=False,
-         help="adapters only: write the --base weights plus the merged update (model.safetensors,"
-         " merge_record.json, the base's config.json) instead of a merged adapter"),
-    _arg("--compact", action=_FLAG, default=False,
-         help="adapters only: store each merged module as the SVD of its update, of minimal rank"),
-]
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    """Parse a command line (without the program name): an optional command name, then its options.
 
-
-# -------------------------------------------------------------------------------------------- config
-
-
-def _config_argv(path: Path, parser: argparse.ArgumentParser) -> list[str]:
-    """The YAML config as command-line tokens, so that its values go through the same parsing and checks."""
-    try:
-        config = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        parser.error(f"cannot read --config {str(path)!r}: {str(err).splitlines()[0]}")
-    if not isinstance(config, dict):
-        parser.error(
-            f"expected --config {str(path)!r} to hold a mapping of argument names to values, but got"
-            f" {type(config).__name__}"
-        )
-    # the parser is ours: its actions are the single list of argument names and types
-    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    argv: list[str] = []
-    for key, value in config.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
-            parser.error(f"unknown key {key!r} in --config {str(path)!r}; expected some of {sorted(known)}")
-        argv += _tokens(known[dest], value)
-    return argv
-
-
-def _tokens(action: argparse.Action, value: Any) -> list[str]:
-    flag = action.option_strings[0]
-    if isinstance(action, argparse.BooleanOptionalAction):
-        if not isinstance(value, bool):
-            raise argparse.ArgumentTypeError(
-                f"expected {action.dest!r} to be true or false in the config, but got {value!r}"
-            )
-        return [flag if value else "--no-" + flag[2:]]
-    values = value if isinstance(value, list) else [value]
-    if action.nargs != "+" and isinstance(value, list):
-        raise argparse.ArgumentTypeError(
-            f"expected one value for {action.dest!r} in the config, but got a list"
-        )
-    return [flag, *("none" if v is None else str(v) for v in values)]
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line, after the ``--config`` YAML when one is given (flags win)."""
-    parser = build_parser()
+    Raises:
+        UsageError: the arguments do not parse, with a one-line message naming the key.
+        SystemExit: ``--help`` or ``--print-config`` (code 0).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = _Parser(prog=PROG, add_help=False)
-    pre.add_argument("--config", type=Path)
-    known, _ = pre.parse_known_args(argv)
-    if known.config is not None:
-        try:
-            argv = _config_argv(known.config, parser) + argv
-        except argparse.ArgumentTypeError as err:
-            parser.error(str(err))
-    _base_optional_for_adapters(parser, argv)
-    return parser.parse_args(argv)
+    if argv and argv[0] in COMMANDS:
+        argv = argv[1:]  # the flat form is the same command: `merge` is the only one so far
+    try:
+        return build_parser().parse_args(argv)
+    except ArgumentError as err:
+        raise UsageError(_usage_message(str(err))) from None
 
 
-def is_adapter_folder(path: str | Path) -> bool:
+def is_adapter_folder(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a peft adapter folder: a folder holding ``adapter_config.json``."""
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def _base_optional_for_adapters(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    # --base is required for checkpoints; with adapters only --merge-into-base needs it (checked in run_adapters)
-    pre = _Parser(prog=PROG, add_help=False)
-    pre.add_argument("--finetuned", nargs="+", default=[])
-    finetuned = pre.parse_known_args(argv)[0].finetuned
-    if any(is_adapter_folder(path) for path in finetuned):
-        next(a for a in parser._actions if a.dest == "base").required = False
+def _check_required(cfg: Namespace) -> None:
+    adapters = any(is_adapter_folder(p) for p in cfg.finetuned or ())  # a mix is refused by run, naming the path
+    needed = [k for k in ("finetuned", "method", "output") if cfg.get(k) is None]
+    needed = ["base"] * (cfg.base is None and not adapters) + needed
+    if needed:
+        raise UsageError(f"the following arguments are required: {', '.join('--' + k for k in needed)}")
 
 
-# ------------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------------ run
 
 
-def _method_from(args: argparse.Namespace) -> Any:
-    options = {name: getattr(args, name) for name in _method_fields() if hasattr(args, name)}
-    if "weights" in options and options["weights"] is not None:
-        options["weights"] = tuple(options["weights"])
-    return get_method(args.method, **options)
+def _shown(output: str) -> str:
+    """``output`` relative to the working directory when it lies inside it (for the summary line)."""
+    relative = os.path.relpath(output)
+    return output if relative.startswith("..") else relative
 
 
-def run(args: argparse.Namespace) -> str:
+def run(cfg: Namespace) -> str:
     """Run the merge described by parsed arguments; returns the one-line summary."""
-    if _adapter_inputs(args.finetuned):
-        return run_adapters(args)
+    _check_required(cfg)
+    if _adapter_inputs(cfg.finetuned):
+        return run_adapters(cfg)
     for flag in ("merge_into_base", "compact"):
-        if getattr(args, flag):
+        if cfg[flag]:
             raise ValueError(f"--{flag.replace('_', '-')} applies to peft adapter folders only, but --finetuned"
                              " holds checkpoints.")
     record = merge_checkpoints(
-        _method_from(args), args.base, args.finetuned, args.output, exclude=args.exclude, strict=args.strict,
-        device=args.device, dtype=args.dtype, overwrite=args.overwrite, progress=not args.quiet,
-        max_shard_size=args.max_shard_size, prefix=args.prefix, base_prefix=args.base_prefix,
-        input_hash=None if args.hash == "none" else args.hash,
+        _method_from(cfg), cfg.base, cfg.finetuned, cfg.output, exclude=cfg.exclude, strict=cfg.strict,
+        device=cfg.device, dtype=cfg.dtype, overwrite=cfg.overwrite, progress=not cfg.quiet,
+        max_shard_size=cfg.max_shard_size, prefix=cfg.prefix, base_prefix=cfg.base_prefix,
+        input_hash=None if cfg.hash == "none" else cfg.hash,
     )
     return (
-        f"merged {len(record.merged_keys)} keys of {len(args.finetuned)} checkpoints with {record.method}"
-        f" into"
-        f" {args.output} ({len(record.excluded_keys)} excluded, {len(record.skipped)} skipped) in"
+        f"merged {len(record.merged_keys)} keys of {len(cfg.finetuned)} checkpoints with {record.method} into"
+        f" {_shown(cfg.output)} ({len(record.excluded_keys)} excluded, {len(record.skipped)} skipped) in"
         f" {record.seconds:.1f} s"
     )
 
@@ -322,7 +388,7 @@ def _adapter_inputs(paths: Sequence[str]) -> bool:
     kinds = [is_adapter_folder(path) for path in paths]
     if all(kinds) or not any(kinds):
         return kinds[0]
-    odd = next(p for p, kind in zip(paths, kinds) if kind != kinds[0])
+    odd = next(p for p, kind in zip(paths, kinds, strict=True) if kind != kinds[0])
     first = "a peft adapter folder" if kinds[0] else "a checkpoint"
     raise ValueError(
         f"Expected every --finetuned path to be {first} like {paths[0]!r}, but {odd!r} is"
@@ -331,98 +397,38 @@ def _adapter_inputs(paths: Sequence[str]) -> bool:
     )
 
 
-# ---------------------------------------------------------------------------------------- LoRA adapters
-
-
-def run_adapters(args: argparse.Namespace) -> str:
+def run_adapters(cfg: Namespace) -> str:
     """Merge peft adapter folders into ``--output``: one adapter, or the base weights plus the merged update."""
-    _check_adapter_args(args)
-    base = _open_base(args) if args.merge_into_base else None
-    output = _check_output(args.output, args.overwrite, [base] if base is not None else [])
-    _check_not_an_adapter(output, args.finetuned)
-    dtype = DTYPES[args.dtype] if args.dtype is not None and base is None else None
-    adapter = merge_adapters(_method_from(args), args.finetuned, dtype=dtype, compact=args.compact)
-    write = _base_writer(args, base, adapter) if base is not None else adapter.save
-    _write_atomically(output, write)
-    what = "the base weights plus the merged update" if args.merge_into_base else "a peft adapter"
+    _check_adapter_args(cfg)
+    method = _method_from(cfg)
+    if cfg.merge_into_base:
+        record = merge_adapters_into_base(
+            method, cfg.finetuned, cfg.base, cfg.output, prefix=cfg.base_prefix if cfg.base_prefix is not None
+            else cfg.prefix, dtype=cfg.dtype, compact=cfg.compact, max_shard_size=cfg.max_shard_size,
+            overwrite=cfg.overwrite, input_hash=None if cfg.hash == "none" else cfg.hash, progress=not cfg.quiet,
+        )
+        return (f"merged {len(record.merged_keys)} LoRA modules of {len(cfg.finetuned)} adapters with"
+                f" {method.name} into {_shown(cfg.output)} (the base weights plus the merged update)")
+    output = check_output(cfg.output, overwrite=cfg.overwrite, inputs=cfg.finetuned)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype is not None else None
+    adapter = merge_adapters(method, cfg.finetuned, dtype=dtype, compact=cfg.compact)
+    adapter.save(output)
     return (
-        f"merged {len(adapter.modules)} LoRA modules of {len(args.finetuned)} adapters with {args.method} into"
-        f" {args.output} ({what}, rank <= {max(m.rank for m in adapter.modules.values())})"
+        f"merged {len(adapter.modules)} LoRA modules of {len(cfg.finetuned)} adapters with {method.name} into"
+        f" {_shown(cfg.output)} (a peft adapter, rank <= {max(m.rank for m in adapter.modules.values())})"
     )
 
 
-def _check_adapter_args(args: argparse.Namespace) -> None:
-    if args.exclude:
+def _check_adapter_args(cfg: Namespace) -> None:
+    if cfg.exclude:
         raise ValueError(
-            f"Expected no --exclude with peft adapter folders, but got {args.exclude}: adapters hold only LoRA"
+            f"Expected no --exclude with peft adapter folders, but got {cfg.exclude}: adapters hold only LoRA"
             " factors (task-specific modules_to_save are refused when an adapter is read)."
         )
-    if args.merge_into_base and args.base is None:
+    if cfg.merge_into_base and cfg.base is None:
         raise ValueError("--merge-into-base needs --base: the base model's weights (a file or a Hugging Face folder).")
-    if args.base is not None and not args.merge_into_base:
+    if cfg.base is not None and not cfg.merge_into_base:
         logging.getLogger(__name__).warning("--base is not used when merging adapters without --merge-into-base")
-
-
-def _check_not_an_adapter(output: Path, adapters: Sequence[str]) -> None:
-    for folder in adapters:
-        folder_path = Path(folder).resolve()
-        if output.resolve() in (folder_path, *folder_path.parents) or folder_path in output.resolve().parents:
-            raise ValueError(f"Expected --output to be outside the input adapter {folder!r}, but got {str(output)!r}.")
-
-
-def _write_atomically(output: Path, write: Any) -> None:
-    """``write(tmp)`` into a temporary sibling of ``output``, then rename it to ``output``."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        write(tmp)
-        _replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _open_base(args: argparse.Namespace) -> CheckpointSource:
-    prefix = args.base_prefix if args.base_prefix is not None else args.prefix
-    return open_source(args.base, prefix=prefix, label="base")
-
-
-def _base_writer(args: argparse.Namespace, base: CheckpointSource, adapter: LoraAdapter) -> Any:
-    """A writer of the base with the adapter's update added to the adapted weights (streamed key by key)."""
-    names = [f"{name}.weight" for name in adapter.modules]
-    updated = merge_into_base(adapter, {k: base.get_tensor(k) for k in names if k in base.keys()})
-    dtype = DTYPES[args.dtype] if args.dtype is not None else None
-
-    def out_dtype(key: str) -> torch.dtype:
-        return dtype if dtype is not None and base.dtype(key).is_floating_point else base.dtype(key)
-
-    def write(folder: Path) -> None:
-        specs = [TensorSpec(k, base.shape(k), out_dtype(k)) for k in base.keys()]
-        stream = ((k, (updated[k] if k in updated else base.get_tensor(k)).to(out_dtype(k))) for k in base.keys())
-        files = write_stream(folder, specs, stream, max_shard_size=args.max_shard_size)
-        _copy_model_config(Path(args.base), folder)
-        (folder / "merge_record.json").write_text(json.dumps(_adapter_record(args, updated, files), indent=2) + "\n")
-
-    return write
-
-
-def _copy_model_config(base: Path, folder: Path) -> None:
-    # so that a Hugging Face base folder gives an output that `from_pretrained` loads
-    for name in ("config.json", "generation_config.json"):
-        if (base / name).is_file():
-            shutil.copyfile(base / name, folder / name)
-
-
-def _adapter_record(args: argparse.Namespace, updated: dict[str, Any], files: list[str]) -> dict[str, Any]:
-    from lightning_merge import __version__
-
-    method = _method_from(args)
-    return {
-        "method": method.name, "options": method.options(), "scaling": float(method.scaling),
-        "base": str(args.base), "adapters": [str(p) for p in args.finetuned], "merged_keys": sorted(updated),
-        "outputs": [*files, "merge_record.json"], "version": __version__,
-    }
 
 
 def _one_line(err: BaseException) -> str:
@@ -430,22 +436,28 @@ def _one_line(err: BaseException) -> str:
     return text.strip("'\"") if isinstance(err, KeyError) else text
 
 
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-merge`` console script; returns the exit code."""
     try:
-        args = parse_args(argv)
-    except SystemExit as exit_:  # argparse: --help (0) or a one-line usage error (2)
-        return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format=f"{PROG}: %(message)s")
+        cfg = parse_args(argv)
+    except SystemExit as exit_:  # --help or --print-config
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except UsageError as err:
+        return _error(str(err))
+    logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO, format=f"{PROG}: %(message)s")
     try:
-        summary = run(args)
+        summary = run(cfg)
     except (ValueError, TypeError, KeyError, OSError) as err:
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        return _error(_one_line(err))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 130
-    if not args.quiet:
+    if not cfg.quiet:
         print(summary)
     return 0
 

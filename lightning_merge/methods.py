@@ -1,8 +1,10 @@
 """Typed, validated, picklable merge-method objects and the plain registry that names them.
 
 A method object carries its options; ``method.merge(task_vectors)`` returns the scaled merged task vector of one
-parameter and ``method(base, finetuned)`` the merged parameter. The callback, the engine and the command line
-name methods by string through :func:`get_method`, so ``LightningCLI`` YAML can configure them.
+parameter and ``method(base, finetuned)`` the merged parameter. A method that can merge LoRA factors without forming
+``m x n`` matrices implements :meth:`MergeMethod.merge_low_rank` (the linear methods and the SVD methods do; TIES
+does not, and refuses). The callback, the engine and the command line name methods by string through
+:func:`get_method`, so ``LightningCLI`` YAML can configure them.
 
 Example:
     >>> method = get_method("tsv_m", rank=0.125)
@@ -34,10 +36,12 @@ from lightning_merge.functional._checks import (
     check_weights,
     compute_dtype,
     finite_as,
+    numel,
     resolve_rank,
 )
+from lightning_merge.functional.lora import LowRankUpdate, lora_merge, lora_sum
 from lightning_merge.functional.merges import Basis, Factors, TaskVectors, linear_merge
-from lightning_merge.functional.svd import SOLVERS, Solver, use_randomized
+from lightning_merge.functional.svd import SOLVERS, Solver, svd_merge_cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,10 +111,53 @@ class MergeMethod(ABC):
 
     def cost(self, shape: Sequence[int], num_tasks: int) -> float:
         """Estimated floating-point operations to merge one parameter (used to balance work across ranks)."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        return float(numel * num_tasks)
+        return float(numel(shape) * num_tasks)
+
+    def merge_low_rank(self, updates: Sequence[LowRankUpdate], *, compact: bool = False) -> LowRankUpdate:
+        """The merged update ``scaling * M`` of ``T`` LoRA updates of one matrix, as factors (scale 1), never
+        forming an ``m x n`` matrix (METHODS.md, "LoRA task matrices"); ``weights`` multiply each update's scale.
+
+        A method declares that it merges LoRA factors by implementing this (see :meth:`merges_low_rank`); this
+        default refuses. ``compact``: see :func:`~lightning_merge.functional.lora.lora_merge`.
+
+        Raises:
+            ValueError: the method has no low-rank form, or ``weights`` has not one entry per update.
+
+        Example:
+            >>> update = F.LowRankUpdate(torch.ones(4, 1), torch.ones(1, 3), 2.0)
+            >>> merged = Average().merge_low_rank([update, update])
+            >>> torch.allclose(merged.B @ merged.A, torch.full((4, 3), 2.0)), TIES.merges_low_rank()
+            (True, False)
+        """
+        raise ValueError(self._low_rank_refusal())
+
+    @classmethod
+    def merges_low_rank(cls) -> bool:
+        """Whether the method merges LoRA factors: whether it implements :meth:`merge_low_rank`."""
+        return cls.merge_low_rank is not MergeMethod.merge_low_rank
+
+    def check_low_rank(self) -> None:
+        """Refuse, before any work, a method that cannot merge LoRA factors (:meth:`merge_low_rank`).
+
+        Raises:
+            ValueError: naming the method and the methods that can.
+        """
+        if not self.merges_low_rank():
+            raise ValueError(self._low_rank_refusal())
+
+    def _low_rank_refusal(self) -> str:
+        able = sorted(name for name, cls in METHODS.items() if cls.merges_low_rank())
+        return (
+            f"Expected argument `method` to be one of {able} for LoRA adapters, but got {self.name!r}. HINT:"
+            f" {self.name!r} has no low-rank form (it does not implement `merge_low_rank`); merge the models with"
+            " the adapters merged in instead."
+        )
+
+    def _weighted(self, updates: Sequence[LowRankUpdate]) -> list[LowRankUpdate]:
+        """The updates with ``weights`` folded into their scales, checked (one weight per update)."""
+        weights = self.weights or (1.0,) * len(updates)
+        check_weights(weights, len(updates))
+        return [update._replace(scale=update.scale * w) for update, w in zip(updates, weights, strict=True)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +167,13 @@ class _LinearMethod(MergeMethod):
     :func:`lightning_merge.functional.sum_of_differences`)."""
 
     def _coefficient(self, num_tasks: int) -> float:
+        """``c(T)`` of ``scaling * M = c(T) * sum_t w_t D_t``: ``scaling`` (task arithmetic) or ``scaling / T``."""
         return self.scaling
+
+    def merge_low_rank(self, updates: Sequence[LowRankUpdate], *, compact: bool = False) -> LowRankUpdate:
+        """``c(T) * sum_t w_t D_t`` exactly, as factors of rank at most ``sum_t r_t``
+        (:func:`~lightning_merge.functional.lora.lora_sum`)."""
+        return lora_sum(self._weighted(updates), scaling=self._coefficient(len(updates)), compact=compact)
 
     def _merged_delta(self, w0: Tensor, finetuned: list[Tensor]) -> Tensor:
         return F.sum_of_differences(w0, finetuned, self.weights, scaling=self._coefficient(len(finetuned)))
@@ -190,15 +243,19 @@ class SVDMethod(MergeMethod):
     def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
         """``(L, R)`` with ``M = L R^T`` from concatenated task features (the step shared with LoRA merging)."""
 
+    def merge_low_rank(self, updates: Sequence[LowRankUpdate], *, compact: bool = False) -> LowRankUpdate:
+        """The method on factors through its :meth:`factors` step and ``rank`` budget
+        (:func:`~lightning_merge.functional.lora.lora_merge`; the ``solver`` option is moot: the small SVDs are
+        exact)."""
+        return lora_merge(self._weighted(updates), self.factors, rank=self.rank, scaling=self.scaling, compact=compact)
+
     def cost(self, shape: Sequence[int], num_tasks: int) -> float:
+        """The SVD merge's estimate (:func:`~lightning_merge.functional.svd.svd_merge_cost`) for a matrix, the
+        average's for other parameters."""
         if len(shape) != 2:
             return super().cost(shape, num_tasks)
         m, n = shape
-        r = min(m, n)
-        k = resolve_rank(self.rank, r, num_tasks)
-        per_task = m * n * (k + 10) * 12 if use_randomized(k, r) else 4 * m * n * r + 8 * r**3
-        features = num_tasks * k
-        return float(num_tasks * per_task + 2 * (m + n) * features**2 + 20 * features**3)
+        return svd_merge_cost(m, n, resolve_rank(self.rank, min(m, n), num_tasks), num_tasks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,25 @@
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from safetensors.torch import load_file, save_file
+from xxhash import xxh3_128_hexdigest
 
 from lightning_merge import TSVM, get_method
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.callbacks.merge import _check_strategy
-from tests._callback_helpers import TASKS, DumpWeights, CrashAtEpoch, pretrained_state, task_loader, task_module, trainer
+from lightning_merge.io import MergeRecord
+from tests._callback_helpers import (
+    TASKS,
+    CrashAtEpoch,
+    DumpWeights,
+    pretrained_state,
+    task_loader,
+    task_module,
+    trainer,
+)
 
 EXCLUDE = ["head.*"]
 
@@ -43,7 +55,7 @@ def test_workflow_1_merges_when_the_last_task_ends(tmp_path):
     for key, value in expected.items():
         assert torch.allclose(merged[key], value, rtol=1e-6, atol=1e-7), key
     assert torch.equal(merged["head.weight"], snapshots[-1]["head.weight"])  # the module keeps its own head
-    for task, snap in zip(TASKS, snapshots):
+    for task, snap in zip(TASKS, snapshots, strict=True):
         assert torch.equal(merge.heads[task]["head.weight"], snap["head.weight"])
     saved = load_file(tmp_path / "m" / "merged" / "model.safetensors")
     assert set(saved) == set(base) and torch.equal(saved["body.0.weight"], merged["body.0.weight"])
@@ -51,6 +63,29 @@ def test_workflow_1_merges_when_the_last_task_ends(tmp_path):
     assert (tmp_path / "m" / "merged" / "heads" / "beta.safetensors").is_file()
     assert (tmp_path / "m" / "merged" / "merge_record.json").is_file()
     assert merge.merge_seconds is not None and merge.merge_seconds > 0
+    assert_record(tmp_path / "m" / "merged", "tsv_m", list(TASKS), world_size=1)
+    record = MergeRecord.load(tmp_path / "m" / "merged")
+    assert record.options["rank"] == 2 and sorted(record.excluded_keys) == ["head.bias", "head.weight"]
+    snapshots_on_disk = [tmp_path / "m" / d / "model.safetensors" for d in ["base", *(
+        f"task-{i:02d}-{t}" for i, t in enumerate(TASKS))]]
+    assert [Path(f["path"]) for i in record.inputs for f in i["files"]] == snapshots_on_disk
+    assert not [p for p in (tmp_path / "m").iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def assert_record(folder, method, tasks, world_size):
+    """The callback's merge record, checked against the files and the run: what was merged, from which files."""
+    record = MergeRecord.load(folder)
+    assert record.method == method and record.tasks == tasks and record.world_size == world_size
+    assert record.exclude == EXCLUDE and not set(record.merged_keys) & set(record.excluded_keys)
+    assert set(record.merged_keys) == set(load_file(folder / "model.safetensors")) - {"head.weight", "head.bias"}
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert sorted(record.outputs) == written
+    assert [i["role"] for i in record.inputs] == ["base"] + ["finetuned"] * len(tasks)
+    for file in (f for i in record.inputs for f in i["files"]):
+        path = Path(file["path"])
+        assert file["hash"] == "xxh3_128:" + xxh3_128_hexdigest(path.read_bytes())
+        assert file["bytes"] == path.stat().st_size
+    return record
 
 
 def test_workflow_1_ddp_spawn_two_ranks_agree_with_a_single_process_merge(tmp_path):
@@ -59,6 +94,7 @@ def test_workflow_1_ddp_spawn_two_ranks_agree_with_a_single_process_merge(tmp_pa
     merge = MergeCallback("sftm", tasks=TASKS, exclude=EXCLUDE, dirpath=tmp_path / "m", progress=False)
     fine_tune_all(tmp_path, merge, extra=[DumpWeights(dump)], devices=2, strategy="ddp_spawn")
     rank0, rank1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert_record(tmp_path / "m" / "merged", "sftm", list(TASKS), world_size=2)
     base = load_file(tmp_path / "m" / "base" / "model.safetensors")
     tasks = [load_file(tmp_path / "m" / f"task-{i:02d}-{t}" / "model.safetensors") for i, t in enumerate(TASKS)]
     expected = expected_merge(get_method("sftm"), base, tasks)
@@ -86,6 +122,10 @@ def test_workflow_2_merges_checkpoints_trained_elsewhere(tmp_path):
         assert torch.allclose(target.state_dict()[key], value, rtol=1e-6, atol=1e-7), key
     assert set(merge.heads) == set(TASKS)
     assert (tmp_path / "m" / "merged" / "model.safetensors").is_file()
+    record = assert_record(tmp_path / "m" / "merged", "ties", list(TASKS), world_size=1)
+    given = [tmp_path / "base.safetensors", *(Path(c.best_model_path if i == 0 else c)
+                                              for i, c in enumerate(checkpoints.values()))]
+    assert [Path(f["path"]) for i in record.inputs for f in i["files"]] == given
 
 
 def test_crash_mid_sequence_then_resume_gives_the_uninterrupted_merge(tmp_path):
@@ -103,7 +143,8 @@ def test_crash_mid_sequence_then_resume_gives_the_uninterrupted_merge(tmp_path):
             task_module(base), task_loader(1))
     assert first.collected == ["alpha"]
 
-    resumed = MergeCallback("tsv_m", tasks=TASKS, exclude=EXCLUDE, dirpath=tmp_path / "m", progress=False)  # new process
+    # a new process: a new callback
+    resumed = MergeCallback("tsv_m", tasks=TASKS, exclude=EXCLUDE, dirpath=tmp_path / "m", progress=False)
     ckpt = ModelCheckpoint(dirpath=ckdir, save_last=True)
     trainer(tmp_path, [resumed, ckpt], max_epochs=3, enable_checkpointing=True).fit(
         task_module(base), task_loader(1), ckpt_path=ckdir / "last.ckpt")

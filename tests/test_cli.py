@@ -21,7 +21,8 @@ from lightning_merge.methods import get_method
 @pytest.fixture
 def files(tmp_path) -> dict[str, object]:
     g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g), "head.weight": torch.randn(2, 4, generator=g)}
+    base = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g),
+            "head.weight": torch.randn(2, 4, generator=g)}
     tuned = []
     for t in range(3):
         state = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
@@ -31,7 +32,8 @@ def files(tmp_path) -> dict[str, object]:
     return {
         "base": base,
         "tuned": tuned,
-        "argv": ["--base", str(tmp_path / "base.safetensors"), "--finetuned", *(str(tmp_path / f"t{t}.ckpt") for t in range(3)),
+        "argv": ["--base", str(tmp_path / "base.safetensors"), "--finetuned",
+                 *(str(tmp_path / f"t{t}.ckpt") for t in range(3)),
                  "--prefix", "model.", "--base-prefix", "", "--output", str(tmp_path / "out")],
     }
 
@@ -112,7 +114,7 @@ def test_yaml_config_errors(tmp_path, files, capsys):
         (["--method", "tsv_m", "--rank", "0", "--exclude", "head.*"], r"Expected argument `rank` to be"),
         (["--method", "nope"], r"argument --method: invalid choice: 'nope'"),
         (["--method", "average", "--device", "gpu0", "--exclude", "head.*"], r"Expected argument `device`"),
-        (["--method", "average", "--max-shard-size", "lots"], r"expected a size such as 5GB"),
+        (["--method", "average", "--max-shard-size", "lots"], r"expected 'max_shard_size' to be a size such as 5GB"),
         (["--method", "average", "--hash", "md5"], r"argument --hash: invalid choice: 'md5'"),
     ],
 )
@@ -128,7 +130,8 @@ def test_bad_files_are_one_line_errors(tmp_path, files, capsys):
     argv = [*files["argv"], "--method", "average", "--exclude", "head.*"]
     missing = [a if not a.endswith("t1.ckpt") else str(tmp_path / "nope.ckpt") for a in argv]
     assert "nope.ckpt' (not found)" in run_error(missing, capsys)
-    (tmp_path / "evil.ckpt").write_bytes(b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.")
+    (tmp_path / "evil.ckpt").write_bytes(
+        b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.")
     evil = [a if not a.endswith("t1.ckpt") else str(tmp_path / "evil.ckpt") for a in argv]
     assert "Refusing to load" in run_error(evil, capsys)
     (tmp_path / "out").mkdir()

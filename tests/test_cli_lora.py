@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from lightning_merge.cli import main
+from lightning_merge.io import MergeRecord
 from lightning_merge.lora import load_adapter, merge_adapters, merge_into_base
 from lightning_merge.methods import get_method
 
@@ -38,7 +39,8 @@ def random_adapter(folder, seed, r):
 def inputs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_lora")
     tiny_llama().save_pretrained(tmp / "base")
-    return {"base": str(tmp / "base"), "adapters": [random_adapter(tmp / f"a{t}", t, r) for t, r in enumerate((2, 4, 3))]}
+    adapters = [random_adapter(tmp / f"a{t}", t, r) for t, r in enumerate((2, 4, 3))]
+    return {"base": str(tmp / "base"), "adapters": adapters}
 
 
 def logits(model, ids):
@@ -81,7 +83,10 @@ def test_merge_into_base_writes_a_loadable_model(inputs, tmp_path):
     merged_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "model").eval()
     via_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ad").eval()
     assert torch.allclose(logits(merged_model, ids), logits(via_peft, ids), atol=1e-4)
-    assert (tmp_path / "model" / "merge_record.json").is_file()
+    record = MergeRecord.load(tmp_path / "model")  # the one record schema, with every input hashed
+    assert record.method == "sftm" and [i["role"] for i in record.inputs] == ["base", "adapter", "adapter", "adapter"]
+    assert all(f["hash"].startswith("xxh3_128:") for i in record.inputs for f in i["files"])
+    assert (tmp_path / "model" / "config.json").is_file()
 
 
 def test_yaml_config_equals_flags(inputs, tmp_path):
@@ -141,5 +146,6 @@ def test_adapter_options_are_refused_for_checkpoints_and_base_stays_required(tmp
 def test_output_inside_an_input_adapter_is_refused(inputs, capsys):
     argv = ["--finetuned", *inputs["adapters"], "--method", "average", "--output", inputs["adapters"][0],
             "--overwrite"]
-    assert "outside the input adapter" in run_error(argv, capsys)
+    err = run_error(argv, capsys)
+    assert "to be outside the inputs" in err and f"holds the input {inputs['adapters'][0]!r}" in err
     assert load_adapter(inputs["adapters"][0]).config["r"] == 2

@@ -19,7 +19,7 @@ import lightning_merge
 from lightning_merge import engine
 from lightning_merge import functional as F
 from lightning_merge.engine import MergePlan, merge_checkpoints, merge_keys, plan_merge, shard_keys, task_matrices
-from lightning_merge.io import hashing, open_source
+from lightning_merge.io import MergeRecord, hashing, open_source
 from lightning_merge.methods import METHODS, TaskArithmetic, get_method
 
 T = 3
@@ -105,7 +105,8 @@ def test_plan_missing_key_names_key_file_and_hint(models):
     base, tuned = models
     del tuned[1]["norm.weight"]
     sources = [open_source(t, label=f"ft{i}.ckpt") for i, t in enumerate(tuned)]
-    msg = r"Key 'norm.weight' of the base 'base' is missing in the fine-tuned checkpoint 'ft1.ckpt' \(1 of 7.*HINT: exclude"
+    msg = (r"Key 'norm.weight' of the base 'base' is missing in the fine-tuned checkpoint 'ft1.ckpt' \(1 of 7"
+           r".*HINT: exclude")
     with pytest.raises(ValueError, match=msg):
         plan_merge(open_source(base, label="base"), sources)
     plan = plan_merge(open_source(base, label="base"), sources, strict=False)
@@ -133,7 +134,8 @@ def test_plan_extra_key_and_wrong_prefix(models):
         plan_merge(open_source(base), [open_source(tuned[0], label="ft")])
     assert "adapter.weight" in plan_merge(open_source(base), [open_source(tuned[0])], strict=False).skipped
     prefixed = open_source(tuned[1], add_prefix="model.", label="ft")
-    with pytest.raises(ValueError, match=r"\(7 of 7 base keys are missing there\)\. HINT: .*prefix='model\.'.* \(\d+ more"):
+    msg = r"\(7 of 7 base keys are missing there\)\. HINT: .*prefix='model\.'.* \(\d+ more"
+    with pytest.raises(ValueError, match=msg):
         plan_merge(open_source(base), [prefixed])
 
 
@@ -252,9 +254,12 @@ def test_merge_checkpoints_bitwise_and_record(tmp_path, models, on_disk, name):
     assert saved["excluded_keys"] == ["head.weight"] and "position_ids" in saved["skipped"]
     assert saved["outputs"] == ["model.safetensors", "merge_record.json"]
     files = {Path(f["path"]): f for i in saved["inputs"] for f in i["files"]}
-    assert {p: f["hash"] for p, f in files.items()} == {p: "xxh3_128:" + xxh3_128_hexdigest(p.read_bytes()) for p in before}
+    expected_hashes = {p: "xxh3_128:" + xxh3_128_hexdigest(p.read_bytes()) for p in before}
+    assert {p: f["hash"] for p, f in files.items()} == expected_hashes
     assert all(f["bytes"] == p.stat().st_size for p, f in files.items())
     assert [i["role"] for i in saved["inputs"]] == ["base"] + ["finetuned"] * T
+    assert saved["schema_version"] == 1 and saved["tasks"] == [] and saved["world_size"] == 1
+    assert MergeRecord.load(tmp_path / "out") == record
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
@@ -284,7 +289,8 @@ def test_merge_checkpoints_non_strict_copies_from_base(tmp_path, models):
 
 def test_unknown_input_hash_is_refused_before_any_work(tmp_path, models):
     base, tuned = models
-    with pytest.raises(ValueError, match=r"Expected argument `input_hash` to be one of \['xxh3_128', 'sha256', None\], but got 'md5'"):
+    msg = r"Expected argument `input_hash` to be one of \['xxh3_128', 'sha256', None\], but got 'md5'"
+    with pytest.raises(ValueError, match=msg):
         merge_checkpoints("average", base, tuned, tmp_path / "out", progress=False, input_hash="md5")
     assert list(tmp_path.iterdir()) == []
 
@@ -305,6 +311,14 @@ def test_output_inside_inputs_or_a_file_name_is_refused(tmp_path, on_disk):
     base_path, tuned_paths = on_disk
     with pytest.raises(ValueError, match=r"to be outside the inputs, but '.*t2' holds the input"):
         merge_checkpoints("average", base_path, tuned_paths, tuned_paths[2], overwrite=True, progress=False)
+    with pytest.raises(ValueError, match=r"to be outside the inputs, but '.*t2/merged' lies inside the input '.*t2'"):
+        merge_checkpoints("average", base_path, tuned_paths, tuned_paths[2] / "merged", progress=False)
+    assert sorted(p.name for p in tuned_paths[2].iterdir()) == ["model.safetensors"]
+    with pytest.raises(ValueError, match=r"to be outside the inputs, but '.*' holds the input '.*base\.safetensors'"):
+        merge_checkpoints("average", base_path, tuned_paths, tmp_path, overwrite=True, progress=False)
+    prefixed = open_source(tuned_paths[2], add_prefix="model.")  # a source wrapping a folder: the folder is an input
+    with pytest.raises(ValueError, match=r"'.*t2/sub' lies inside the input '.*t2'"):
+        merge_checkpoints("average", prefixed, [prefixed], tuned_paths[2] / "sub", progress=False)
     with pytest.raises(ValueError, match=r"to be a folder path, but got the file name '.*merged\.safetensors'"):
         merge_checkpoints("average", base_path, tuned_paths, tmp_path / "merged.safetensors", progress=False)
     with pytest.raises(TypeError, match="wrap a single checkpoint in a list"):

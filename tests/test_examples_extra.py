@@ -29,7 +29,7 @@ def test_ddp_merge_two_ranks_agree_with_each_other_and_a_single_process_merge(tm
 
 def test_cli_merge_runs_the_command_with_the_yaml_config_and_scores_both_outputs(tmp_path):
     stdout = run_example("cli_merge.py", tmp_path)
-    assert "lightning-merge --config" in stdout
+    assert "lightning-merge merge --config merge.yaml" in stdout
     assert "merged 6 keys of 3 checkpoints with tsv_m into merged/tsv_m" in stdout
     assert "with task_arithmetic into merged/task_arithmetic" in stdout
     for name in ("tsv_m", "task_arithmetic"):

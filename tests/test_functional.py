@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_merge import functional as F
+from lightning_merge.functional import _checks, svd
 from tests import reference as ref
 
 f64 = torch.float64
@@ -34,7 +35,8 @@ def orthogonal_tasks(T, k, m, n):
 
 
 def rel(a, b):
-    return float((torch.as_tensor(a, dtype=f64) - torch.as_tensor(b, dtype=f64)).norm() / torch.as_tensor(b, dtype=f64).norm())
+    a, b = torch.as_tensor(a, dtype=f64), torch.as_tensor(b, dtype=f64)
+    return float((a - b).norm() / b.norm())
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -78,7 +80,8 @@ def test_sum_of_differences_blocks_match_float64_and_each_other(monkeypatch, blo
     base = torch.randn(96, 40, generator=g)  # 3840 floats: blocks of 64, 192 and 1024 floats, the last one partial
     tuned = [base + 1e-2 * torch.randn(base.shape, generator=g) for _ in range(4)]
     weights, scaling = [0.3, 1.7, -0.2, 2.5], 0.37
-    expected = base.double() + scaling * sum(w * (t.double() - base.double()) for w, t in zip(weights, tuned))
+    differences = [t.double() - base.double() for t in tuned]
+    expected = base.double() + scaling * sum(w * d for w, d in zip(weights, differences, strict=True))
     whole = F.sum_of_differences(base, tuned, weights, scaling=scaling, add_base=True)  # one block
     monkeypatch.setattr(merges, "BLOCK_BYTES", block_bytes)
     blocked = F.sum_of_differences(base, tuned, weights, scaling=scaling, add_base=True)
@@ -220,7 +223,7 @@ def test_inputs_are_not_modified():
     copies = [d.clone() for d in deltas]
     for merge in (F.tsv_m, F.sftm, F.ties, F.average, F.task_arithmetic):
         merge(deltas)
-    assert all(torch.equal(a, b) for a, b in zip(deltas, copies))
+    assert all(torch.equal(a, b) for a, b in zip(deltas, copies, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- solvers, dtypes
@@ -241,6 +244,26 @@ def test_rank_deficient_tasks_drop_round_off_components_only():
     assert F.task_features(small[None], 3, solver="exact")[1].numel() == 2
 
 
+def test_one_numerical_rank_tolerance_per_matrix_shape():
+    eps = torch.finfo(torch.float32).eps
+    assert svd.rank_tolerance((768, 768), torch.float32) == 768**0.5 * eps  # 28x below 768 * eps
+    assert svd.rank_tolerance((8, 3072, 768), torch.float64) == 3072**0.5 * torch.finfo(torch.float64).eps
+    s = torch.tensor([[2.0, 2.0 * 20 * eps, 2.0 * 30 * eps], [0.0, 0.0, 0.0]])
+    mask = svd.numerically_nonzero(s, (768, 768))
+    assert mask.tolist() == [[True, False, True], [False, False, False]]  # 20 eps <= 27.7 eps < 30 eps; zero: none
+    assert svd.numerically_nonzero(torch.empty(3, 0), (4, 4)).shape == (3, 0)
+
+
+def test_svd_merge_cost_follows_the_solver_rule():
+    # randomized: 6 products of 2 m n (k + 10) flops; exact: 4 m n r + 8 r^3; then 2 (m + n) F^2 + 20 F^3, F = T k
+    m = n = 768
+    F_ = 8 * 96
+    assert svd.svd_merge_cost(m, n, 96, 8) == 8 * 12 * m * n * 106 + 2 * (m + n) * F_**2 + 20 * F_**3
+    F_ = 2 * 384
+    assert svd.svd_merge_cost(m, n, 384, 2) == 2 * (4 * m * n * 768 + 8 * 768**3) + 2 * (m + n) * F_**2 + 20 * F_**3
+    assert isinstance(svd.svd_merge_cost(4, 4, 1, 1), float)
+
+
 def test_truncated_svd_solvers_and_determinism():
     x = torch.stack(low_rank_tasks(3, 80, 60, rank=5, noise=0.0))
     U, S, V = F.truncated_svd(x, 5, solver="exact")
@@ -249,7 +272,7 @@ def test_truncated_svd_solvers_and_determinism():
     a = F.truncated_svd(x, 5, solver="randomized")
     b = F.truncated_svd(x, 5, solver="randomized")
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left alone
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
     assert torch.allclose(a[1], S, rtol=1e-8)
     wide = F.truncated_svd(x.mT, 5, solver="randomized")
     assert torch.allclose(wide[1], S, rtol=1e-8) and wide[0].shape == (3, 60, 5)
@@ -271,7 +294,7 @@ def test_auto_falls_back_to_exact_when_the_sketch_has_not_converged():
     k = 20
     assert F.use_randomized(k, 256)
     auto, exact = F.truncated_svd(slow, k, solver="auto"), F.truncated_svd(slow, k, solver="exact")
-    assert all(torch.equal(a, b) for a, b in zip(auto, exact))
+    assert all(torch.equal(a, b) for a, b in zip(auto, exact, strict=True))
     fast = torch.stack(low_rank_tasks(3, 256, 256, rank=k, noise=1e-4, dtype=torch.float32))  # a wide gap at k
     auto, exact = F.truncated_svd(fast, k, solver="auto"), F.truncated_svd(fast, k, solver="exact")
     assert not torch.equal(auto[1], exact[1])  # the sketch was kept ...
@@ -392,6 +415,26 @@ def test_bad_task_vectors(merge):
         merge([torch.ones(4, 4, dtype=torch.long)])
     with pytest.raises(TypeError, match="torch.Tensor"):
         merge([[1.0, 2.0]])
+
+
+def test_shared_checks():
+    assert _checks.numel((3072, 768)) == 2359296 and _checks.numel(()) == 1 and _checks.numel(torch.Size([0, 4])) == 0
+    _checks.check_positive_int("world_size", 1)
+    for bad in (0, -1, 1.0, True, "2", None):
+        with pytest.raises(ValueError, match=rf"Expected argument `world_size` to be a positive int, but got {bad!r}"):
+            _checks.check_positive_int("world_size", bad)
+    with pytest.raises(ValueError, match=r"`chunk_size` to be a positive int \(bytes\), but got 0\."):
+        _checks.check_positive_int("chunk_size", 0, unit="bytes")
+    _checks.check_non_negative_int("niter", 0)
+    with pytest.raises(ValueError, match="`niter` to be a non-negative int, but got -1"):
+        _checks.check_non_negative_int("niter", -1)
+    assert _checks.check_finite_numbers("grid", (0, 0.5)) == (0.0, 0.5)
+    assert _checks.check_finite_numbers("weights", []) == ()
+    for bad in ([float("nan")], [True], [1.0, "a"], 3.0, None):
+        with pytest.raises(ValueError, match="`grid` to be a sequence of finite numbers"):
+            _checks.check_finite_numbers("grid", bad)
+    with pytest.raises(ValueError, match=r"`grid` to be a non-empty sequence of finite numbers, but got \[\]"):
+        _checks.check_finite_numbers("grid", [], non_empty=True)
 
 
 def test_sftm_rejects_bad_basis_and_rcond():

@@ -25,7 +25,6 @@ from lightning_merge.io import (
     TorchFileSource,
     open_source,
     save_state_dict,
-    source_files,
 )
 from lightning_merge.io.writer import write_stream
 
@@ -230,7 +229,8 @@ def test_hf_folder_sharded_safetensors(tmp_path, state):
     source = open_source(tmp_path)
     assert isinstance(source, HFFolderSource)
     assert_same(source, state)
-    assert [p.name for p in source_files(source)] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert [p.name for p in source.files()] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert source.root() == tmp_path
 
 
 def test_location_points_at_each_tensors_bytes(tmp_path, state):
@@ -243,7 +243,7 @@ def test_location_points_at_each_tensors_bytes(tmp_path, state):
     for source in sources:
         for key in source.keys():
             path, begin, end = source.location(key)
-            assert path in source_files(source), (source, key)
+            assert path in source.files(), (source, key)
             tensor = source.get_tensor(key).contiguous()
             with open(path, "rb") as f:
                 f.seek(begin)
@@ -254,6 +254,47 @@ def test_location_points_at_each_tensors_bytes(tmp_path, state):
     assert open_source(state).location("enc.weight") is None
     with pytest.raises(KeyError, match="'nope' is not in checkpoint"):
         sources[0].location("nope")
+
+
+def test_sources_say_where_they_lie_on_disk(tmp_path, state):
+    """``root()`` and ``files()`` (what an output must avoid, what the record hashes), for every kind of source."""
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": state}, tmp_path / "w.ckpt")
+    (tmp_path / "hf").mkdir()
+    _sharded_hf_folder(tmp_path / "hf", state)
+    shards = sorted((tmp_path / "hf").glob("*.safetensors"))
+    expected = {
+        tmp_path / "w.safetensors": [tmp_path / "w.safetensors"],
+        tmp_path / "w.ckpt": [tmp_path / "w.ckpt"],
+        tmp_path / "hf": shards,
+    }
+    for path, files in expected.items():
+        for source in (open_source(path), open_source(path, add_prefix="x.")):
+            assert isinstance(source, CheckpointSource)
+            assert source.root() == path and sorted(source.files()) == files, source
+    memory = open_source(state, add_prefix="x.")
+    assert memory.root() is None and memory.files() == [] and memory.location("x.enc.weight") is None
+
+
+def test_an_object_without_the_whole_protocol_is_not_a_source(state):
+    class KeysOnly:  # the reading half of the protocol only: no location(), files() or root()
+        name = "partial"
+
+        def keys(self):
+            return list(state)
+
+        def shape(self, key):
+            return tuple(state[key].shape)
+
+        def dtype(self, key):
+            return state[key].dtype
+
+        def get_tensor(self, key, device=None):
+            return state[key]
+
+    assert not isinstance(KeysOnly(), CheckpointSource)
+    with pytest.raises(TypeError, match="Expected argument `src` to be a path, a state dict or a CheckpointSource"):
+        open_source(KeysOnly())
 
 
 def test_hf_folder_single_safetensors_and_bin(tmp_path, state):
@@ -366,7 +407,8 @@ def test_writer_round_trip_and_metadata(tmp_path, state):
 
 def test_writer_shards_with_index(tmp_path, state):
     files = save_state_dict(state, tmp_path, max_shard_size=64)
-    assert files[-1] == "model.safetensors.index.json" and files[0] == f"model-00001-of-{len(files) - 1:05d}.safetensors"
+    assert files[-1] == "model.safetensors.index.json"
+    assert files[0] == f"model-00001-of-{len(files) - 1:05d}.safetensors"
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(state)
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())

@@ -11,9 +11,9 @@ from safetensors.torch import save_file
 from lightning_merge import functional as F
 from lightning_merge.functional.lora import (
     LowRankUpdate,
+    lora_balance,
     lora_compact,
     lora_dense,
-    lora_balance,
     lora_merge,
     lora_scale,
     lora_sum,
@@ -28,7 +28,7 @@ from lightning_merge.lora import (
     merge_into_base,
     merged_config,
 )
-from lightning_merge.methods import SFTM, TSVM, Average, TaskArithmetic, get_method
+from lightning_merge.methods import SFTM, TSVM, get_method
 
 f64 = torch.float64
 
@@ -75,6 +75,21 @@ def test_lora_svd_drops_numerically_zero_components():
     U, s, V = lora_svd(LowRankUpdate(B, torch.randn(5, 8, dtype=f64)))
     assert s.shape == (2,) and U.shape == (10, 2) and V.shape == (8, 2)
     assert lora_svd(LowRankUpdate(torch.zeros(10, 5, dtype=f64), torch.randn(5, 8, dtype=f64)))[1].numel() == 0
+
+
+@pytest.mark.parametrize(("m", "n", "dtype", "second"), [(96, 64, f64, 40), (768, 768, torch.float32, 100)])
+def test_dense_and_factored_paths_keep_the_same_components(m, n, dtype, second):
+    # s_2 = `second` eps s_1 lies between sqrt(max(m, n)) eps (the one numerical-rank tolerance) and max(m, n) eps:
+    # one rule for both paths keeps it on both, two rules would keep it on one only
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(m, 2, generator=g, dtype=f64)).Q
+    V = torch.linalg.qr(torch.randn(n, 2, generator=g, dtype=f64)).Q
+    s = torch.tensor([1.0, second * torch.finfo(dtype).eps], dtype=f64)
+    update = LowRankUpdate((U * s).to(dtype), V.T.to(dtype).contiguous())
+    dense = F.task_features(lora_dense(update)[None], 2, solver="exact")[1]
+    factored = lora_svd(update)[1]
+    assert dense.numel() == factored.numel() == 2
+    assert lora_task_features([update], 2)[1].numel() == 2
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "sftm", "sftm_orthogonal"])

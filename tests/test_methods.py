@@ -1,12 +1,17 @@
+import dataclasses
 import pickle
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 import torch
 
-from lightning_merge import METHODS, SFTM, TIES, TSVM, TaskArithmetic, get_method
+from lightning_merge import METHODS, SFTM, TIES, TSVM, Average, TaskArithmetic, get_method
 from lightning_merge import functional as F
+from lightning_merge.functional._checks import resolve_rank
+from lightning_merge.functional.lora import LowRankUpdate, lora_dense, lora_merge, lora_sum
+from lightning_merge.functional.svd import svd_merge_cost
 
 
 def test_registry_names_every_method_with_a_reference():
@@ -73,6 +78,98 @@ def test_linear_methods_accumulate_without_a_task_buffer_and_agree_with_the_core
 def test_cost_orders_parameters_by_svd_work():
     method = TSVM()
     assert method.cost((3072, 768), 8) > method.cost((768, 768), 8) > method.cost((768,), 8)
+
+
+@pytest.mark.parametrize(
+    ("method", "shape", "num_tasks", "expected"),
+    [  # the estimates the shard stage has always balanced (randomized and exact SVD branches, and non-matrices)
+        (TSVM(), (768, 768), 8, 16873684992.0),
+        (TSVM(), (3072, 768), 8, 37597741056.0),
+        (SFTM(), (768, 3072), 2, 35332816896.0),
+        (TSVM(), (256, 256), 4, 1207959552.0),
+        (TSVM(rank=16), (4096, 4096), 8, 42186309632.0),
+        (SFTM(rank=0.5), (64, 64), 3, 29491200.0),
+        (TSVM(), (768,), 8, 6144.0),
+        (TSVM(), (), 3, 3.0),
+        (TIES(), (10, 3, 3, 3), 2, 540.0),
+        (TaskArithmetic(), (768, 768), 8, 4718592.0),
+    ],
+)
+def test_cost_is_the_one_estimate_of_the_svd_module(method, shape, num_tasks, expected):
+    assert method.cost(shape, num_tasks) == expected
+    if len(shape) == 2 and isinstance(method, TSVM | SFTM):
+        k = resolve_rank(method.rank, min(shape), num_tasks)
+        assert method.cost(shape, num_tasks) == svd_merge_cost(*shape, k, num_tasks)
+
+
+# ------------------------------------------------------------------------------------------------ low-rank form
+def _updates(m=20, n=16, ranks=(3, 5, 2)):
+    g = torch.Generator().manual_seed(0)
+    f64 = torch.float64
+    return [
+        LowRankUpdate(torch.randn(m, r, generator=g, dtype=f64), torch.randn(r, n, generator=g, dtype=f64), 1.5 / r)
+        for r in ranks
+    ]
+
+
+def test_methods_declare_whether_they_merge_low_rank_updates():
+    assert {name: cls.merges_low_rank() for name, cls in METHODS.items()} == {
+        "average": True, "sftm": True, "task_arithmetic": True, "ties": False, "tsv_m": True,
+    }
+    for name in ("average", "sftm", "task_arithmetic", "tsv_m"):
+        get_method(name).check_low_rank()
+
+
+@pytest.mark.parametrize(
+    ("method", "coefficient"), [(Average(scaling=0.6), 0.6 / 3), (TaskArithmetic(scaling=0.6), 0.6)]
+)
+def test_linear_methods_merge_low_rank_updates_as_exact_sums(method, coefficient):
+    updates, weights = _updates(), (1.0, -0.5, 2.0)
+    for options in ({}, {"weights": weights}):
+        chosen = get_method(method, **options)
+        scaled = [u._replace(scale=u.scale * w) for u, w in zip(updates, chosen.weights or (1.0,) * 3, strict=True)]
+        merged = chosen.merge_low_rank(updates)
+        assert torch.equal(merged.B @ merged.A, (out := lora_sum(scaled, scaling=coefficient)).B @ out.A)
+        dense = chosen.merge(torch.stack([lora_dense(u) for u in updates]))
+        assert torch.allclose(merged.B @ merged.A, dense, rtol=0, atol=1e-12) and merged.scale == 1.0
+
+
+@pytest.mark.parametrize("method", [TSVM(rank=2, scaling=0.7), SFTM(basis="orthogonal"), SFTM(weights=(1.0, 0.5, 2.0))])
+@pytest.mark.parametrize("compact", [False, True])
+def test_svd_methods_merge_low_rank_updates_with_their_factors(method, compact):
+    updates = _updates()
+    weights = method.weights or (1.0,) * 3
+    scaled = [u._replace(scale=u.scale * w) for u, w in zip(updates, weights, strict=True)]
+    merged = method.merge_low_rank(updates, compact=compact)
+    expected = lora_merge(scaled, method.factors, rank=method.rank, scaling=method.scaling, compact=compact)
+    assert torch.equal(merged.B, expected.B) and torch.equal(merged.A, expected.A)
+    dense = get_method(method, solver="exact").merge(torch.stack([lora_dense(u) for u in updates]))
+    assert float((merged.B @ merged.A - dense).norm() / dense.norm()) < 1e-8
+
+
+def test_methods_without_a_low_rank_form_refuse_before_any_work():
+    able = r"\['average', 'sftm', 'task_arithmetic', 'tsv_m'\]"
+    with pytest.raises(ValueError, match=rf"Expected argument `method` to be one of {able} .*but got 'ties'"):
+        TIES().check_low_rank()
+    with pytest.raises(ValueError, match="'ties' has no low-rank form"):
+        TIES().merge_low_rank(_updates())
+    with pytest.raises(ValueError, match="`weights`.*one entry per task"):
+        TSVM(weights=(1.0,)).merge_low_rank(_updates())
+
+
+def test_a_new_method_declares_its_low_rank_form_in_one_place():
+    @dataclasses.dataclass(frozen=True)
+    class Renamed(TaskArithmetic):  # a subclass inherits the capability
+        name: ClassVar[str] = "renamed"
+
+    @dataclasses.dataclass(frozen=True)
+    class Dense(TIES):
+        def merge_low_rank(self, updates, *, compact=False):
+            return lora_sum(updates, scaling=-self.scaling, compact=compact)
+
+    assert Renamed.merges_low_rank() and Dense.merges_low_rank() and not TIES.merges_low_rank()
+    merged = Dense(scaling=2.0).merge_low_rank(_updates(ranks=(2,)))
+    assert torch.allclose(merged.B @ merged.A, -2.0 * lora_dense(_updates(ranks=(2,))[0]))
 
 
 def test_core_imports_without_lightning():

@@ -98,7 +98,7 @@ def test_any_task_stack_merges_to_a_finite_result_in_its_dtype(tasks, dtype, nam
     out = merge(inputs)
     assert out.dtype == dtype and out.shape == tasks[0].shape and torch.isfinite(out).all()
     assert torch.equal(out, reference.to(dtype))
-    assert all(torch.equal(a, b) for a, b in zip(inputs, copies))  # inputs untouched
+    assert all(torch.equal(a, b) for a, b in zip(inputs, copies, strict=True))  # inputs untouched
 
 
 @SETTINGS

@@ -45,7 +45,7 @@ def test_one_rank_failing_in_the_merge_stops_every_rank_with_an_error(tmp_path):
     assert records[0][1].startswith("RuntimeError: The merge failed on 1 other rank(s)")
     assert abs(float(records[0][0]) - float(records[1][0])) < STOP_S  # rank 0 stopped right after rank 1 failed
     assert not (tmp_path / "m" / "merged").exists()  # nothing half-written
-    assert not list((tmp_path / "m").glob(".merged.tmp-*"))
+    assert not list((tmp_path / "m").glob(".merged.*"))  # no temporary folder left
 
 
 def test_process_killed_during_the_task_sequence_resumes_without_losing_or_duplicating_a_task(tmp_path):

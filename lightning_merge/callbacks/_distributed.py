@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_merge.engine import MergePlan, merge_keys
+from lightning_merge.functional._checks import numel
 from lightning_merge.io import CheckpointSource
 from lightning_merge.methods import MergeMethod
 
@@ -80,7 +81,7 @@ def _buckets(plan: MergePlan, base: CheckpointSource) -> Iterator[list[tuple[str
     bucket: list[tuple[str, int, int]] = []
     offset = 0
     for key in plan.merge_keys:
-        n = _numel(plan.shapes[key]) * base.dtype(key).itemsize
+        n = numel(plan.shapes[key]) * base.dtype(key).itemsize
         if bucket and offset + n > BUCKET_BYTES:
             yield bucket
             bucket, offset = [], 0
@@ -88,10 +89,3 @@ def _buckets(plan: MergePlan, base: CheckpointSource) -> Iterator[list[tuple[str
         offset += n
     if bucket:
         yield bucket
-
-
-def _numel(shape: Sequence[int]) -> int:
-    numel = 1
-    for d in shape:
-        numel *= d
-    return numel

@@ -26,10 +26,15 @@ import lightning.pytorch as pl
 import torch
 from safetensors.torch import save_file
 
-from lightning_merge.io import replace_folder_atomically
-from lightning_merge.lora import CONFIG_NAME, SAFETENSORS_NAME, LoraAdapter, check_lora_config, merge_adapters
-from lightning_merge.lora import _check_lora_method as check_lora_method
-from lightning_merge.lora import merge_into_base
+from lightning_merge.io import publish_folder
+from lightning_merge.lora import (
+    CONFIG_NAME,
+    SAFETENSORS_NAME,
+    LoraAdapter,
+    check_lora_config,
+    merge_adapters,
+    merge_into_base,
+)
 from lightning_merge.methods import MergeMethod
 
 MERGED_ADAPTER = "merged_adapter"
@@ -91,7 +96,7 @@ def check_lora_fit(pl_module: pl.LightningModule, method: MergeMethod) -> bool:
     peft_model = find_peft_model(pl_module)
     if peft_model is None:
         return False
-    check_lora_method(method)
+    method.check_low_rank()
     name = _adapter_name(peft_model)
     check_lora_config(_adapter_config(peft_model, name), f"the LoraConfig of adapter {name!r}")
     _check_frozen_base(peft_model)
@@ -107,12 +112,9 @@ def save_task_adapter(peft_model: Any, folder: Path) -> None:
     state = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     config = _adapter_config(peft_model, name)
-
-    def write(tmp: Path) -> None:
+    with publish_folder(folder) as tmp:
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-
-    replace_folder_atomically(folder, write)
 
 
 def fold_into_base(peft_model: Any, adapter: LoraAdapter) -> None:
@@ -142,7 +144,7 @@ def merge_lora_tasks(
     adapter = merge_adapters(method, task_dirs)
     if output is not None:
         if trainer.is_global_zero:
-            replace_folder_atomically(output, adapter.save)
+            adapter.save(output)
         trainer.strategy.barrier("MergeCallback.save_merged_adapter")
     fold_into_base(find_peft_model(pl_module), adapter)
     return adapter

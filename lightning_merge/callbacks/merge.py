@@ -16,11 +16,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from safetensors.torch import save_file
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_merge.callbacks._distributed import exchange, merge_shard
+from lightning_merge.callbacks._files import MergedRun, save_merged, save_snapshot
 from lightning_merge.callbacks._lora import (
     MERGED_ADAPTER,
     check_lora_fit,
@@ -29,7 +29,7 @@ from lightning_merge.callbacks._lora import (
     save_task_adapter,
 )
 from lightning_merge.engine import MergePlan, plan_merge, shard_keys
-from lightning_merge.io import CheckpointSource, open_source, replace_folder_atomically, save_state_dict
+from lightning_merge.io import CheckpointSource, open_source
 from lightning_merge.lora import LoraAdapter
 from lightning_merge.methods import MergeMethod, get_method
 
@@ -56,8 +56,9 @@ class MergeCallback(Callback):
     own device, and the results are exchanged through the strategy: every rank's module ends holding the same merged
     weights. Task-specific parameters matched by ``exclude`` (classification heads) are not merged; the module keeps
     its own, each task's are in :attr:`heads`; :attr:`plan`, :attr:`base_source` and :attr:`task_sources` say what
-    was merged from where (e.g. to compare methods with ``MergedEvalLoop.compare``); and rank zero writes ``dirpath/merged`` (safetensors of the merged
-    weights, excluded keys from the base, ``heads/<task>.safetensors`` and ``merge_record.json``).
+    was merged from where (e.g. to compare methods with ``MergedEvalLoop.compare``); and rank zero writes
+    ``dirpath/merged`` (safetensors of the merged weights, excluded keys from the base, ``heads/<task>.safetensors``
+    and ``merge_record.json``, a :class:`~lightning_merge.io.record.MergeRecord` with the inputs' sizes and hashes).
 
     LoRA fits (workflow 1 with a ``peft.PeftModel`` inside the module): each task's adapter is recorded under
     ``dirpath/task-XX-<task>`` (a peft adapter folder), the adapters are merged in low-rank form with
@@ -199,7 +200,9 @@ class MergeCallback(Callback):
         self.heads = {t: {k: src.get_tensor(k) for k in self.plan.excluded_keys} for t, src in tasks.items()}
         self.merge_seconds = time.perf_counter() - start
         if self.save_merged:
-            self._save_merged(trainer, base, merged)
+            run = MergedRun(self.method, self.plan, base, tasks, self.exclude, trainer.world_size, device,
+                            self.merge_seconds)
+            self._save_merged(trainer, run, merged)
         self._log(trainer, len(tasks))
 
     def _merge_lora(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
@@ -239,27 +242,15 @@ class MergeCallback(Callback):
             save_task_adapter(peft_model, self.dirpath / name)
         elif trainer.is_global_zero:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in pl_module.state_dict().items()}
-            _atomic_save(state, self.dirpath / name)
+            save_snapshot(state, self.dirpath / name)
         trainer.strategy.barrier("MergeCallback.snapshot")
 
-    def _save_merged(self, trainer: pl.Trainer, base: CheckpointSource, merged: Mapping[str, Tensor]) -> None:
-        assert self.dirpath is not None and self.plan is not None
+    def _save_merged(self, trainer: pl.Trainer, run: MergedRun, merged: Mapping[str, Tensor]) -> None:
+        assert self.dirpath is not None
         if trainer.is_global_zero:
-            state = {k: merged[k] if k in merged else base.get_tensor(k) for k in base.keys()}
-            _atomic_save(state, self.dirpath / "merged", heads=self.heads, record=self._record(trainer))
+            state = {k: merged[k] if k in merged else run.base.get_tensor(k) for k in run.base.keys()}
+            save_merged(self.dirpath / "merged", state, self.heads, run)
         trainer.strategy.barrier("MergeCallback.save_merged")
-
-    def _record(self, trainer: pl.Trainer) -> dict[str, Any]:
-        from lightning_merge import __version__
-
-        assert self.plan is not None
-        return {
-            "method": self.method.name, "options": self.method.options(), "scaling": self.method.scaling,
-            "tasks": list(self.finetuned or self.tasks), "exclude": list(self.exclude),
-            "merged_keys": list(self.plan.merge_keys), "excluded_keys": list(self.plan.excluded_keys),
-            "skipped": self.plan.skipped, "world_size": trainer.world_size, "seconds": self.merge_seconds,
-            "version": __version__,
-        }
 
     def _write_manifest(self, trainer: pl.Trainer) -> None:
         assert self.dirpath is not None
@@ -350,17 +341,3 @@ def _load_into(pl_module: pl.LightningModule, merged: Mapping[str, Tensor]) -> N
         )
     pl_module.load_state_dict(dict(merged), strict=False)
 
-
-def _atomic_save(state: Mapping[str, Tensor], folder: Path, *, heads: Mapping[str, Mapping[str, Tensor]] | None = None,
-                 record: Mapping[str, Any] | None = None) -> None:
-    """The state (and the heads and the record) as a folder of safetensors, swapped in place of ``folder``."""
-
-    def write(tmp: Path) -> None:
-        save_state_dict(state, tmp)
-        for task, head in (heads or {}).items():
-            (tmp / "heads").mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "heads" / f"{task}.safetensors"))
-        if record is not None:
-            (tmp / "merge_record.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-    replace_folder_atomically(folder, write)

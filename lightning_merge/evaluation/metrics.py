@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from typing_extensions import override
 
-MetricFactory = Callable[[], Union[Metric, MetricCollection]]
+MetricFactory = Callable[[], Metric | MetricCollection]
 
 
 class Accuracy(Metric):

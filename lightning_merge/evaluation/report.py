@@ -49,7 +49,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _line(name: str, cells: list[str], first: int, widths: list[int]) -> str:
-    return (name.ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(cells, widths))).rstrip()
+    return (name.ljust(first) + "".join(f"  {v:>{w}}" for v, w in zip(cells, widths, strict=True))).rstrip()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lightning_merge.functional._checks import compute_dtype
+from lightning_merge.functional._checks import check_finite_numbers, compute_dtype
 
 if TYPE_CHECKING:
     from lightning_merge.evaluation.loop import MergedEvalLoop
@@ -34,13 +34,7 @@ def check_grid(grid: Sequence[float]) -> tuple[float, ...]:
     Raises:
         ValueError: an empty grid or a value that is not a finite number.
     """
-    values = tuple(grid) if isinstance(grid, Sequence) else ()
-    finite = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-    if not values or not finite:
-        raise ValueError(
-            f"Expected argument `grid` to be a non-empty sequence of finite numbers, but got {grid!r}."
-        )
-    return tuple(float(v) for v in values)
+    return check_finite_numbers("grid", grid, non_empty=True)
 
 
 def scaling_targets(

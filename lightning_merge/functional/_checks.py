@@ -4,11 +4,68 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 from torch import Tensor
 
 Rank = int | float | None
+
+
+def numel(shape: Sequence[int]) -> int:
+    """The number of entries of a tensor of this shape (1 for a 0-d shape).
+
+    Example:
+        >>> numel((3072, 768)), numel(())
+        (2359296, 1)
+    """
+    return math.prod(shape)
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """Whether ``value`` is an ``int`` (a ``bool`` is not one here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a finite ``int`` or ``float`` (a ``bool`` is not a number here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_positive_int(name: str, value: object, *, unit: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int of at least 1 (``unit``, e.g. ``"bytes"``, goes in the message).
+
+    Example:
+        >>> check_positive_int("chunk_size", 0, unit="bytes")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected argument `chunk_size` to be a positive int (bytes), but got 0.
+    """
+    if not (is_int(value) and value >= 1):
+        suffix = f" ({unit})" if unit else ""
+        raise ValueError(f"Expected argument `{name}` to be a positive int{suffix}, but got {value!r}.")
+
+
+def check_non_negative_int(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int of at least 0."""
+    if not (is_int(value) and value >= 0):
+        raise ValueError(f"Expected argument `{name}` to be a non-negative int, but got {value!r}.")
+
+
+def check_finite_numbers(name: str, values: object, *, non_empty: bool = False) -> tuple[float, ...]:
+    """``values`` as a tuple of floats; ``ValueError`` unless it is a sequence of finite numbers (and not empty
+    with ``non_empty``).
+
+    Example:
+        >>> check_finite_numbers("grid", [0, 0.5])
+        (0.0, 0.5)
+    """
+    items = tuple(values) if isinstance(values, Sequence) else None
+    numbers = tuple(float(v) for v in items if is_finite_number(v)) if items is not None else ()
+    if items is None or (non_empty and not items) or len(numbers) != len(items):
+        kind = "a non-empty sequence" if non_empty else "a sequence"
+        raise ValueError(f"Expected argument `{name}` to be {kind} of finite numbers, but got {values!r}.")
+    return numbers
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -97,14 +154,15 @@ def check_weights(weights: Sequence[float] | None, num_tasks: int | None = None)
     if weights is None:
         return
     weights = list(weights)
-    if not all(isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
-        raise ValueError(f"Expected argument `weights` to be a sequence of finite numbers, but got {weights}.")
+    check_finite_numbers("weights", weights)
     if num_tasks is not None and len(weights) != num_tasks:
-        raise ValueError(f"Expected argument `weights` to have one entry per task ({num_tasks}), but got {len(weights)}.")
+        raise ValueError(
+            f"Expected argument `weights` to have one entry per task ({num_tasks}), but got {len(weights)}."
+        )
 
 
 def check_rank(rank: Rank) -> None:
-    ok_int = isinstance(rank, int) and not isinstance(rank, bool) and rank > 0
+    ok_int = is_int(rank) and rank > 0
     ok_float = isinstance(rank, float) and 0.0 < rank <= 1.0
     if not (rank is None or ok_int or ok_float):
         raise ValueError(
@@ -127,17 +185,17 @@ def resolve_rank(rank: Rank, r: int, num_tasks: int) -> int:
 
 
 def check_scaling(scaling: float) -> None:
-    if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling):
+    if not is_finite_number(scaling):
         raise ValueError(f"Expected argument `scaling` to be a finite number, but got {scaling!r}.")
 
 
 def check_density(density: float) -> None:
-    if isinstance(density, bool) or not isinstance(density, int | float) or not 0.0 < density <= 1.0:
+    if not (is_finite_number(density) and 0.0 < density <= 1.0):
         raise ValueError(f"Expected argument `density` to be a float in (0, 1], but got {density!r}.")
 
 
 def check_rcond(rcond: float) -> None:
-    if isinstance(rcond, bool) or not isinstance(rcond, int | float) or not 0.0 <= rcond < 1.0:
+    if not (is_finite_number(rcond) and 0.0 <= rcond < 1.0):
         raise ValueError(f"Expected argument `rcond` to be a float in [0, 1), but got {rcond!r}.")
 
 

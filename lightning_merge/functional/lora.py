@@ -22,9 +22,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_merge.functional._checks import Rank, check_rank, check_scaling, compute_dtype, resolve_rank
-
-Factors = tuple[Tensor, Tensor]
+from lightning_merge.functional._checks import (
+    Rank,
+    check_positive_int,
+    check_rank,
+    check_scaling,
+    compute_dtype,
+    resolve_rank,
+)
+from lightning_merge.functional.merges import Factors
+from lightning_merge.functional.svd import numerically_nonzero
 
 
 class LowRankUpdate(NamedTuple):
@@ -42,8 +49,7 @@ def lora_scale(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
         >>> lora_scale(16, 8), lora_scale(16, 4, use_rslora=True)
         (2.0, 8.0)
     """
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"Expected argument `r` to be a positive int, but got {r!r}.")
+    check_positive_int("r", r)
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
@@ -72,21 +78,15 @@ def lora_dense(update: LowRankUpdate) -> Tensor:
     return update.scale * (update.B.to(dtype) @ update.A.to(dtype))
 
 
-def numerical_rank_mask(s: Tensor, m: int, n: int) -> Tensor:
-    """``s > s_max * max(m, n) * eps``: the tolerance of :func:`~lightning_merge.functional.svd.task_features`."""
-    if s.numel() == 0:
-        return s > 0
-    return s > s.amax() * max(m, n) * torch.finfo(s.dtype).eps
-
-
 def lora_svd(update: LowRankUpdate) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``scale * B @ A`` without forming it (METHODS.md): QR of ``B`` and ``A^T``, SVD of ``R_B R_A^T``.
 
     Returns:
         ``U`` ``(m, q)``, ``s`` ``(q,)`` descending, ``V`` ``(n, q)`` in the compute dtype, where ``q <= r`` is the
-        numerical rank: components with ``s <= s_max * max(m, n) * eps`` are dropped **(choice)**, as
-        :func:`~lightning_merge.functional.svd.task_features` drops them on the dense path (a zero update keeps
-        nothing). A negative ``scale`` flips the sign of ``U``.
+        numerical rank: components with ``s <= s_max * sqrt(max(m, n)) * eps`` are dropped **(choice)**, the rule
+        :func:`~lightning_merge.functional.svd.task_features` applies on the dense path
+        (:func:`~lightning_merge.functional.svd.rank_tolerance`; a zero update keeps nothing). A negative
+        ``scale`` flips the sign of ``U``.
 
     Example:
         >>> B, A = torch.randn(6, 2, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
@@ -99,7 +99,7 @@ def lora_svd(update: LowRankUpdate) -> tuple[Tensor, Tensor, Tensor]:
     QB, RB = torch.linalg.qr(update.B.to(dtype) * update.scale)
     QA, RA = torch.linalg.qr(update.A.to(dtype).mT)
     X, S, Yh = torch.linalg.svd(RB @ RA.mT, full_matrices=False)
-    keep = numerical_rank_mask(S, *lora_shape(update))
+    keep = numerically_nonzero(S, lora_shape(update))
     return QB @ X[:, keep], S[keep], QA @ Yh[keep].mT
 
 
@@ -170,13 +170,21 @@ def lora_balance(update: LowRankUpdate) -> LowRankUpdate:
     dtype = compute_dtype(update.B.dtype)
     B, A = update.B.to(dtype), update.A.to(dtype)
     col, row = B.norm(dim=0) * abs(update.scale), A.norm(dim=1)
-    keep = numerical_rank_mask(col * row, len(col), 1)
+    keep = _above_round_off(col * row)
     if not keep.any():
         return LowRankUpdate(B.new_zeros(B.shape[0], 1), A.new_zeros(1, A.shape[1]))
     if not keep.all():
         B, A, col, row = B[:, keep], A[keep], col[keep], row[keep]
     c = (row / col).sqrt()
     return LowRankUpdate(B * (c * update.scale), A / c[:, None])
+
+
+def _above_round_off(norms: Tensor) -> Tensor:
+    # The rank-one terms of a sum of r terms that are not at its round-off level, max_j(norm) * r * eps: norms of
+    # terms, not singular values, so not the numerical rank of rank_tolerance.
+    if norms.numel() == 0:
+        return norms > 0
+    return norms > norms.amax() * len(norms) * torch.finfo(norms.dtype).eps
 
 
 def _finish(update: LowRankUpdate, compact: bool) -> LowRankUpdate:

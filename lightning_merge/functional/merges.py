@@ -95,8 +95,8 @@ def sum_of_differences(
     each block of :data:`BLOCK_BYTES` of the output gets all ``T`` differences, the scaling and the base while it
     sits in cache, so memory traffic is one read of every input and one write of the output (instead of a
     subtraction and an addition over whole tensors per task). Every element goes through the same operations in
-    the same order whatever the block size, so the result does not depend on it (tested bitwise). A NaN or Inf in any input makes the
-    result non-finite; only then are the tasks checked one by one, to name the culprit.
+    the same order whatever the block size, so the result does not depend on it (tested bitwise). A NaN or Inf in
+    any input makes the result non-finite; only then are the tasks checked one by one, to name the culprit.
 
     Example:
         >>> sum_of_differences(torch.ones(2), [torch.full((2,), 3.0), torch.zeros(2)], weights=[1.0, 2.0])
@@ -183,7 +183,8 @@ def ties(
 
 
 def tsv_m_factors(U: Tensor, s: Tensor, V: Tensor) -> Factors:
-    """TSV-M steps 3-4 on concatenated features: ``M = U_perp diag(s) V_perp^T``, returned as ``(U_perp diag(s), V_perp)``."""
+    """TSV-M steps 3-4 on concatenated features: ``M = U_perp diag(s) V_perp^T``, returned as
+    ``(U_perp diag(s), V_perp)``."""
     return orthogonalize(U) * s.to(U.dtype), orthogonalize(V)
 
 

@@ -4,13 +4,13 @@ PSD solves and the STI diagnostic. Every merge method is a composition of these 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from lightning_merge.functional._checks import check_choice
+from lightning_merge.functional._checks import check_choice, check_non_negative_int
 
 Solver = Literal["auto", "exact", "randomized"]
 SOLVERS = ("auto", "exact", "randomized")
@@ -20,10 +20,65 @@ log = logging.getLogger(__name__)
 SEPARATION_TOL = 1e-4
 
 
+def rank_tolerance(shape: Sequence[int], dtype: torch.dtype) -> float:
+    """Relative size ``sqrt(max(m, n)) * eps`` at or below which a singular value of an ``m x n`` matrix (the last
+    two entries of ``shape``) counts as numerically zero: ``s <= s_max * rank_tolerance(shape, dtype)``.
+
+    **(choice)** One rule for the dense path (:func:`task_features`, and the ``"auto"`` solver's test of a rank
+    below ``k``) and the factored LoRA path (:func:`~lightning_merge.functional.lora.lora_svd`), so both keep the
+    same components of the same update. It is the dense path's documented rule (README), not ``max(m, n) * eps``
+    (28x larger on a 768 x 768 layer): the round-off tail of an exactly rank-deficient matrix measures 1-2.5
+    ``eps s_max`` up to 64 x 64 and 3-5 at 768 x 768 on the dense path, at most 1.5 on the factored one (thin QRs
+    and an ``r x r`` SVD), below ``sqrt(max(m, n))`` in every case from ``max(m, n) >= 8`` on, so the tighter
+    rule is safe on either path. On tiny matrices (``max(m, n) <= 5``) a round-off component of up to
+    ``3 eps s_max`` may be kept.
+
+    Example:
+        >>> rank_tolerance((768, 768), torch.float32) == 768**0.5 * torch.finfo(torch.float32).eps
+        True
+    """
+    return max(shape[-2:]) ** 0.5 * torch.finfo(dtype).eps
+
+
+def numerically_nonzero(s: Tensor, shape: Sequence[int]) -> Tensor:
+    """The mask of the singular values ``s`` (``(..., q)``, of ``m x n`` matrices) above :func:`rank_tolerance`
+    relative to the largest of each row: ``s > s_max * sqrt(max(m, n)) * eps``. A zero matrix keeps nothing.
+
+    Example:
+        >>> numerically_nonzero(torch.tensor([[2.0, 1e-3, 1e-9]]), (4, 4))
+        tensor([[ True,  True, False]])
+    """
+    if s.shape[-1] == 0:
+        return s > 0
+    return s > s.amax(dim=-1, keepdim=True) * rank_tolerance(shape, s.dtype)
+
+
 def use_randomized(k: int, r: int, oversample: int = 10) -> bool:
     """The first half of the ``"auto"`` rule: try the randomized solver only when the sketch ``k + oversample`` is at
     most a quarter of ``r`` (there it is 5-7x faster than ``torch.linalg.svd``; above, the gain fades)."""
     return r >= 64 and 4 * (k + oversample) <= r
+
+
+def svd_merge_cost(m: int, n: int, k: int, num_tasks: int, oversample: int = 10) -> float:
+    """Estimated floating-point operations of TSV-M or SFTM on ``num_tasks`` ``m x n`` task matrices with ``k``
+    features each (for balancing work across ranks; an estimate, not a measurement).
+
+    Per task, the SVD the ``"auto"`` rule picks (:func:`use_randomized`): randomized, 6 products with the matrix
+    (``2 niter + 2``, ``niter = 2``) of ``2 m n (k + oversample)`` each, or exact, ``4 m n r + 8 r^3`` with
+    ``r = min(m, n)``. Then the factors step on ``F = T k`` features: Gram matrices and products,
+    ``2 (m + n) F^2``, and the ``F x F`` eigendecompositions and solves, ``20 F^3``.
+
+    Example:
+        >>> svd_merge_cost(768, 768, 96, 8) > svd_merge_cost(768, 768, 96, 4)
+        True
+    """
+    r = min(m, n)
+    if use_randomized(k, r, oversample):
+        per_task = 6 * 2 * m * n * (k + oversample)
+    else:
+        per_task = 4 * m * n * r + 8 * r**3
+    features = num_tasks * k
+    return float(num_tasks * per_task + 2 * (m + n) * features**2 + 20 * features**3)
 
 
 def converged(S: Tensor, k: int, exponent: int, tol: float = SEPARATION_TOL, zero_tol: float = 0.0) -> bool:
@@ -82,13 +137,14 @@ def truncated_svd(
     check_choice("solver", solver, SOLVERS)
     r = min(matrices.shape[-2:])
     if not 1 <= k <= r:
-        raise ValueError(f"Expected argument `k` to be in [1, {r}] for matrices of shape {tuple(matrices.shape)}, but got {k}.")
-    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 0:
-        raise ValueError(f"Expected argument `niter` to be a non-negative int, but got {niter!r}.")
+        raise ValueError(
+            f"Expected argument `k` to be in [1, {r}] for matrices of shape {tuple(matrices.shape)}, but got {k}."
+        )
+    check_non_negative_int("niter", niter)
     if solver == "exact" or (solver == "auto" and not use_randomized(k, r, oversample)):
         U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
         return U[..., :k], S[..., :k], Vh[..., :k, :].mT
-    zero_tol = max(matrices.shape[-2:]) ** 0.5 * torch.finfo(matrices.dtype).eps  # as in task_features
+    zero_tol = rank_tolerance(matrices.shape, matrices.dtype)  # the numerical rank of task_features
     most = 2 * niter + 2
 
     def verdict(S: Tensor, passes: int) -> bool | None:  # accept, take another product, or give up
@@ -168,14 +224,14 @@ def task_features(
 
     Returns:
         ``U`` ``(m, F)``, ``s`` ``(F,)``, ``V`` ``(n, F)`` with ``F <= T * k``, task by task. Components that are
-        numerically zero (``s <= s_max * sqrt(max(m, n)) * eps``; the round-off tail of an exactly rank-deficient
-        matrix measures about ``5 * eps * s_max`` with either solver) are dropped **(choice)**: their singular
-        vectors are arbitrary and would otherwise steer the orthogonalization of the other tasks' features; for a
-        zero task matrix nothing is kept. Genuine small components, noise included, are kept as METHODS.md says.
+        numerically zero (``s <= s_max * sqrt(max(m, n)) * eps``, :func:`rank_tolerance`, the rule of the factored
+        LoRA path too; the round-off tail of an exactly rank-deficient matrix measures about ``5 * eps * s_max``
+        with either solver) are dropped **(choice)**: their singular vectors are arbitrary and would otherwise
+        steer the orthogonalization of the other tasks' features; for a zero task matrix nothing is kept. Genuine
+        small components, noise included, are kept as METHODS.md says.
     """
     U, S, V = truncated_svd(deltas, k, solver=solver, oversample=oversample, niter=niter)
-    tol = S[:, :1] * max(deltas.shape[-2:]) ** 0.5 * torch.finfo(S.dtype).eps
-    keep = (S > tol).flatten()
+    keep = numerically_nonzero(S, deltas.shape).flatten()
     T, m, n = deltas.shape
     U = U.transpose(0, 1).reshape(m, T * k)[:, keep]
     V = V.transpose(0, 1).reshape(n, T * k)[:, keep]

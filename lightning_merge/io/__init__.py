@@ -1,8 +1,14 @@
-"""Checkpoint I/O: lazy sources over every checkpoint format, and a streaming safetensors writer.
+"""Checkpoint I/O: lazy sources over every checkpoint format, a streaming safetensors writer, and outputs.
 
-Never imports Lightning: a ``.ckpt`` is read as the state dict inside it.
+:mod:`~lightning_merge.io.sources` reads checkpoints, :mod:`~lightning_merge.io.writer` writes safetensors,
+:mod:`~lightning_merge.io.output` publishes output folders atomically (and checks them against the inputs),
+:mod:`~lightning_merge.io.record` is the one ``merge_record.json`` schema and :mod:`~lightning_merge.io.hashing`
+hashes the inputs for it. Never imports Lightning: a ``.ckpt`` is read as the state dict inside it.
 """
 
+from lightning_merge.io.hashing import HASHES, hash_file
+from lightning_merge.io.output import check_output, publish_folder, stale_temporaries
+from lightning_merge.io.record import RECORD_FILE, MergeRecord, describe_input
 from lightning_merge.io.sources import (
     CheckpointSource,
     HFFolderSource,
@@ -11,28 +17,32 @@ from lightning_merge.io.sources import (
     StateDictSource,
     TorchFileSource,
     open_source,
-    source_files,
 )
 from lightning_merge.io.writer import (
     SafetensorsWriter,
     TensorSpec,
-    replace_folder_atomically,
     save_state_dict,
     write_stream,
 )
 
 __all__ = [
+    "HASHES",
+    "RECORD_FILE",
     "CheckpointSource",
     "HFFolderSource",
+    "MergeRecord",
     "PrefixedSource",
     "SafetensorsSource",
     "SafetensorsWriter",
     "StateDictSource",
     "TensorSpec",
     "TorchFileSource",
+    "check_output",
+    "describe_input",
+    "hash_file",
     "open_source",
-    "replace_folder_atomically",
+    "publish_folder",
     "save_state_dict",
-    "source_files",
+    "stale_temporaries",
     "write_stream",
 ]

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import xxhash
 
-from lightning_merge.functional._checks import check_choice
-from lightning_merge.io.sources import CheckpointSource, source_files, source_location
+from lightning_merge.functional._checks import check_choice, check_positive_int
+from lightning_merge.io.sources import CheckpointSource
 
 __all__ = ["HASHES", "ReadMarks", "hash_file", "start_hashing"]
 
 HASHES = ("xxh3_128", "sha256")
+
 
 def hash_file(path: str | os.PathLike, algorithm: str = "xxh3_128", chunk_size: int = 2**17) -> str:
     """``"<algorithm>:<hex digest>"`` of a file's bytes, read ``chunk_size`` bytes at a time into one reused
@@ -43,10 +44,7 @@ def hash_file(path: str | os.PathLike, algorithm: str = "xxh3_128", chunk_size: 
         'sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
     """
     check_choice("algorithm", algorithm, HASHES)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(
-            f"Expected argument `chunk_size` to be a positive int (bytes), but got {chunk_size!r}."
-        )
+    check_positive_int("chunk_size", chunk_size, unit="bytes")
     with _FileHash(Path(path), algorithm) as state:
         state.update_to(state.size, memoryview(bytearray(chunk_size)))
         return state.hexdigest()
@@ -139,9 +137,9 @@ def _hash_trailing(paths: Sequence[Path], algorithm: str, marks: ReadMarks, foll
         pending = states
         while pending and not marks.aborted:
             ends, version = marks.limits(pending)
-            ends = [e if f.path in followed else f.size for f, e in zip(pending, ends)]
+            ends = [e if f.path in followed else f.size for f, e in zip(pending, ends, strict=True)]
             moved = False
-            for state, end in zip(pending, ends):
+            for state, end in zip(pending, ends, strict=True):
                 if state.done < end:
                     state.update_to(min(end, state.done + step), buffer)
                     moved = True
@@ -168,14 +166,14 @@ def start_hashing(
     eigendecompositions, I/O waits) rather than slowing it down."""
     if algorithm is None:
         return None
-    files = list(dict.fromkeys(p for source in sources for p in source_files(source)))
+    files = list(dict.fromkeys(p for source in sources for p in source.files()))
     return pool.submit(_hash_trailing, files, algorithm, marks, _located_files(sources))
 
 
 def _located_files(sources: Sequence[CheckpointSource]) -> set[Path]:
     """The files whose reads the merge reports to :class:`ReadMarks`: where a source locates some key."""
     return {where[0] for source in sources for key in source.keys()
-            if (where := source_location(source, key)) is not None}
+            if (where := source.location(key)) is not None}
 
 
 def _lower_priority() -> None:

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import sys
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor
 
+from lightning_merge.functional._checks import check_positive_int, numel
 from lightning_merge.io.sources import HF_SAFETENSORS, HF_SAFETENSORS_INDEX, SAFETENSORS_DTYPES
 
 __all__ = ["SafetensorsWriter", "TensorSpec", "plan_shards", "save_state_dict"]
@@ -53,10 +52,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * self.dtype.itemsize
+        return numel(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(
@@ -65,10 +61,7 @@ def plan_shards(
 ) -> list[list[TensorSpec]]:
     """Split ``specs`` in order into shards of at most ``max_shard_size`` bytes (a larger tensor gets its
     own)."""
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size <= 0:
-        raise ValueError(
-            f"Expected argument `max_shard_size` to be a positive int (bytes), but got {max_shard_size!r}."
-        )
+    check_positive_int("max_shard_size", max_shard_size, unit="bytes")
     shards: list[list[TensorSpec]] = [[]]
     size = 0
     for spec in specs:
@@ -171,7 +164,7 @@ class SafetensorsWriter:
         return list(self.names)
 
     def _write_index(self) -> None:
-        weight_map = {spec.key: name for name, shard in zip(self.names, self.shards) for spec in shard}
+        weight_map = {spec.key: name for name, shard in zip(self.names, self.shards, strict=True) for spec in shard}
         total = sum(spec.nbytes for shard in self.shards for spec in shard)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (self.folder / HF_SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -243,22 +236,3 @@ def save_state_dict(
         )
     specs = specs_of(state)
     return write_stream(folder, specs, state.items(), max_shard_size=max_shard_size, metadata=metadata)
-
-
-def replace_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` into a temporary sibling of ``folder``, then swap it in place of ``folder``.
-
-    For folders this library owns (the callback's snapshots and merged outputs): an existing ``folder`` is replaced
-    only once the new one is complete, and an error leaves neither a temporary folder nor a half-written one.
-    """
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
