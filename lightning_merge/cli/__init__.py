@@ -1,0 +1,169 @@
+"""The ``lightning-merge`` command: merge checkpoints or peft LoRA adapters on disk with any registered method.
+
+Usage::
+
+    lightning-merge merge --base B --finetuned F1 F2 F3 --method tsv_m --rank 0.125 --exclude 'head.*' --output OUT
+    lightning-merge merge --config merge.yaml --method task_arithmetic --output OUT2   # flags after --config win
+    lightning-merge merge --config merge.yaml --print-config > effective.yaml           # the effective configuration
+    lightning-merge merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --output MERGED_ADAPTER
+    lightning-merge merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --merge-into-base --base BASE --output MODEL
+
+``merge`` is the only command so far, and the default one: ``lightning-merge --base B ...`` (no command name) is the
+same as ``lightning-merge merge --base B ...``. The parser is jsonargparse's (the one ``LightningCLI`` uses):
+
+* ``--config merge.yaml`` holds the same arguments under the same names (``finetuned: [F1, F2]``, ``rank: 0.125``,
+  ``max_shard_size: 2GB``, ``strict: false``; ``-`` or ``_`` in names), type-checked like the flags; flags after
+  ``--config`` override it, and ``--print-config`` prints the effective configuration as YAML (which, given back with
+  ``--config``, runs the same merge).
+* Relative paths (``base``, ``finetuned``, ``output``) in a YAML file are resolved from the YAML file's folder; on the
+  command line, from the working directory.
+* ``null`` means "not set": a method option set to ``null`` takes the method's default, as does one left out.
+* Method options (``--rank``, ``--density``, ...) come from the method classes' typed fields
+  (:mod:`lightning_merge.methods`). A ``--method`` flag unsets the method options set before it (by a ``--config``
+  file or an earlier flag) that the new method does not take, so ``--config ties.yaml --method tsv_m`` drops the
+  YAML's ``density``; an option set after ``--method``, or in the same YAML file as ``method``, that the method does
+  not take is an error.
+* When every ``--finetuned`` path is a peft LoRA adapter folder (it holds ``adapter_config.json``), the adapters are
+  merged in low-rank form (:func:`~lightning_merge.lora.merge_adapters`) into one peft adapter folder, or with
+  ``--merge-into-base`` into the ``--base`` weights (:func:`~lightning_merge.lora.merge_adapters_into_base`);
+  ``--base`` is then needed only for ``--merge-into-base``.
+
+Bad input (an unknown key, a value of the wrong type, a missing file...) ends with one line
+``lightning-merge: error: <reason>`` on stderr, naming the key, and exit code 2; Ctrl-C with exit code 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from jsonargparse import Namespace
+
+from lightning_merge.cli.parser import (
+    PROG,
+    UsageError,
+    build_parser,
+    check_required,
+    is_adapter_folder,
+    method_from,
+    parse_args,
+    parse_size,
+)
+from lightning_merge.engine import DTYPES, merge_checkpoints
+from lightning_merge.io.output import check_output
+from lightning_merge.lora import merge_adapters, merge_adapters_into_base
+
+__all__ = ["build_parser", "main", "parse_args", "parse_size", "run"]
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _shown(output: str) -> str:
+    """``output`` relative to the working directory when it lies inside it (for the summary line)."""
+    relative = os.path.relpath(output)
+    return output if relative.startswith("..") else relative
+
+
+def run(cfg: Namespace) -> str:
+    """Run the merge described by parsed arguments; returns the one-line summary."""
+    check_required(cfg)
+    if _adapter_inputs(cfg.finetuned):
+        return run_adapters(cfg)
+    for flag in ("merge_into_base", "compact"):
+        if cfg[flag]:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to peft adapter folders only, but --finetuned"
+                             " holds checkpoints.")
+    record = merge_checkpoints(
+        method_from(cfg), cfg.base, cfg.finetuned, cfg.output, exclude=cfg.exclude, strict=cfg.strict,
+        device=cfg.device, dtype=cfg.dtype, overwrite=cfg.overwrite, progress=not cfg.quiet,
+        max_shard_size=cfg.max_shard_size, prefix=cfg.prefix, base_prefix=cfg.base_prefix,
+        input_hash=None if cfg.hash == "none" else cfg.hash,
+    )
+    return (
+        f"merged {len(record.merged_keys)} keys of {len(cfg.finetuned)} checkpoints with {record.method} into"
+        f" {_shown(cfg.output)} ({len(record.excluded_keys)} excluded, {len(record.skipped)} skipped) in"
+        f" {record.seconds:.1f} s"
+    )
+
+
+def _adapter_inputs(paths: Sequence[str]) -> bool:
+    """Whether the inputs are adapter folders (all) or checkpoints (none); a mix is refused, naming the odd path."""
+    kinds = [is_adapter_folder(path) for path in paths]
+    if all(kinds) or not any(kinds):
+        return kinds[0]
+    odd = next(p for p, kind in zip(paths, kinds, strict=True) if kind != kinds[0])
+    first = "a peft adapter folder" if kinds[0] else "a checkpoint"
+    raise ValueError(
+        f"Expected every --finetuned path to be {first} like {paths[0]!r}, but {odd!r} is"
+        f" {'not' if kinds[0] else 'a peft adapter folder'}. HINT: merge adapters and full checkpoints separately,"
+        " or merge the adapters into the base first."
+    )
+
+
+def run_adapters(cfg: Namespace) -> str:
+    """Merge peft adapter folders into ``--output``: one adapter, or the base weights plus the merged update."""
+    _check_adapter_args(cfg)
+    method = method_from(cfg)
+    if cfg.merge_into_base:
+        record = merge_adapters_into_base(
+            method, cfg.finetuned, cfg.base, cfg.output, prefix=cfg.base_prefix if cfg.base_prefix is not None
+            else cfg.prefix, dtype=cfg.dtype, compact=cfg.compact, max_shard_size=cfg.max_shard_size,
+            overwrite=cfg.overwrite, input_hash=None if cfg.hash == "none" else cfg.hash, progress=not cfg.quiet,
+        )
+        return (f"merged {len(record.merged_keys)} LoRA modules of {len(cfg.finetuned)} adapters with"
+                f" {method.name} into {_shown(cfg.output)} (the base weights plus the merged update)")
+    output = check_output(cfg.output, overwrite=cfg.overwrite, inputs=cfg.finetuned)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype is not None else None
+    adapter = merge_adapters(method, cfg.finetuned, dtype=dtype, compact=cfg.compact)
+    adapter.save(output)
+    return (
+        f"merged {len(adapter.modules)} LoRA modules of {len(cfg.finetuned)} adapters with {method.name} into"
+        f" {_shown(cfg.output)} (a peft adapter, rank <= {max(m.rank for m in adapter.modules.values())})"
+    )
+
+
+def _check_adapter_args(cfg: Namespace) -> None:
+    if cfg.exclude:
+        raise ValueError(
+            f"Expected no --exclude with peft adapter folders, but got {cfg.exclude}: adapters hold only LoRA"
+            " factors (task-specific modules_to_save are refused when an adapter is read)."
+        )
+    if cfg.merge_into_base and cfg.base is None:
+        raise ValueError("--merge-into-base needs --base: the base model's weights (a file or a Hugging Face folder).")
+    if cfg.base is not None and not cfg.merge_into_base:
+        logging.getLogger(__name__).warning("--base is not used when merging adapters without --merge-into-base")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text.strip("'\"") if isinstance(err, KeyError) else text
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lightning-merge`` console script; returns the exit code."""
+    try:
+        cfg = parse_args(argv)
+    except SystemExit as exit_:  # --help or --print-config
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except UsageError as err:
+        return _error(str(err))
+    logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO, format=f"{PROG}: %(message)s")
+    try:
+        summary = run(cfg)
+    except (ValueError, TypeError, KeyError, OSError) as err:
+        return _error(_one_line(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    if not cfg.quiet:
+        print(summary)
+    return 0
+
+

@@ -1,0 +1,153 @@
+"""Adapters merged into a base model on disk (``merge_adapters_into_base``): the base streamed key by key with the
+merged update added, published atomically with one merge record (every input hashed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lightning_merge.io.hashing import HASHES, hash_file
+from lightning_merge.io.output import check_output, publish_folder
+from lightning_merge.io.record import RECORD_FILE, MergeRecord, describe_input
+from lightning_merge.io.sources import CheckpointSource, open_source
+from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_stream
+from lightning_merge.lora.adapter import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, LoraAdapter, PathLike
+from lightning_merge.lora.merge import merge_adapters, merge_into_base
+from lightning_merge.methods import MergeMethod, get_method
+
+
+# ---------------------------------------------------------------------------------- adapters into base weights
+def _into_base_inputs(adapters: Sequence[PathLike | LoraAdapter]) -> list[Path]:
+    """The adapter folders on disk (adapters in memory without a ``path`` have none)."""
+    folders = [a.path if isinstance(a, LoraAdapter) else a for a in adapters]
+    return [Path(folder) for folder in folders if isinstance(folder, str | os.PathLike)]
+
+
+def _adapter_files(folder: Path) -> list[Path]:
+    return [folder / name for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) if (folder / name).is_file()]
+
+
+def _describe_into_base_inputs(base: CheckpointSource, folders: Sequence[Path], adapter: LoraAdapter,
+                               input_hash: str | None) -> list[dict[str, Any]]:
+    """The record's inputs: the base and every adapter folder, with file sizes and hashes."""
+    files = {"base": list(base.files()), **{str(f): _adapter_files(f) for f in folders}}
+    every = [path for paths in files.values() for path in paths]
+    hashes = {path: hash_file(path, input_hash) for path in every} if input_hash is not None else {}
+    inputs = [describe_input("base", base.name, len(base.keys()), files["base"], hashes)]
+    for folder in folders:
+        inputs.append(describe_input("adapter", str(folder), len(adapter.modules), files[str(folder)], hashes))
+    return inputs
+
+
+def _write_base_plus_update(folder: Path, base: CheckpointSource, updated: Mapping[str, Tensor],
+                            dtype: torch.dtype | None, max_shard_size: int, progress: bool) -> list[str]:
+    """Stream the base key by key into ``folder``, the adapted weights replaced by ``updated``; returns the files."""
+
+    def out_dtype(key: str) -> torch.dtype:
+        return dtype if dtype is not None and base.dtype(key).is_floating_point else base.dtype(key)
+
+    keys = base.keys()
+    specs = [TensorSpec(k, base.shape(k), out_dtype(k)) for k in keys]
+    bar = tqdm(keys, desc="lightning-merge: writing", unit="key", disable=not progress)
+    stream = ((k, (updated[k] if k in updated else base.get_tensor(k)).to(out_dtype(k))) for k in bar)
+    return write_stream(folder, specs, stream, max_shard_size=max_shard_size)
+
+
+def _copy_model_config(base: CheckpointSource, folder: Path) -> None:
+    """Copy a Hugging Face base folder's ``config.json`` and ``generation_config.json``, so that
+    ``from_pretrained`` loads the output."""
+    root = base.root()
+    for name in ("config.json", "generation_config.json"):
+        if root is not None and (Path(root) / name).is_file():
+            shutil.copyfile(Path(root) / name, folder / name)
+
+
+def merge_adapters_into_base(
+    method: str | MergeMethod,
+    adapters: Sequence[PathLike | LoraAdapter],
+    base: PathLike | Mapping[str, Tensor],
+    output: PathLike,
+    *,
+    prefix: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    compact: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    input_hash: str | None = "xxh3_128",
+    progress: bool = False,
+) -> MergeRecord:
+    """Merge peft LoRA adapters (:func:`merge_adapters`) and write the base weights plus the merged update.
+
+    The base is streamed key by key into ``output`` (safetensors, sharded above ``max_shard_size``): every adapted
+    weight is ``W0 + scaling * M`` (:func:`merge_into_base`), every other key is copied. A Hugging Face base
+    folder's ``config.json`` and ``generation_config.json`` are copied too, so ``from_pretrained`` loads the output.
+    The folder is published atomically (:func:`~lightning_merge.io.output.publish_folder`) with a
+    ``merge_record.json`` (:class:`~lightning_merge.io.record.MergeRecord`) whose inputs are the base and every
+    adapter folder, with the sizes and hashes of their files.
+
+    Args:
+        method: a registry name or a method object with a low-rank form (see :func:`merge_adapters`).
+        adapters: adapter folders, or adapters from :func:`load_adapter`.
+        base: the base weights: a file, a Hugging Face folder, or a state dict.
+        output: the output folder; new unless ``overwrite``, outside every input.
+        prefix: key prefix stripped from the base (e.g. ``"model."``).
+        dtype: of the output's floating-point weights (a torch dtype or its name); default the base's.
+        compact: see :func:`merge_adapters`.
+        max_shard_size: shard size limit in bytes (5 GiB by default).
+        overwrite: replace an existing ``output`` (once the new one is complete).
+        input_hash: ``"xxh3_128"``, ``"sha256"`` or ``None`` (no hashes), as in ``merge_checkpoints``.
+        progress: show a progress bar while writing.
+
+    Returns:
+        The :class:`~lightning_merge.io.record.MergeRecord`, also saved as ``output/merge_record.json``.
+
+    Raises:
+        FileExistsError: ``output`` exists and ``overwrite`` is False.
+        ValueError, TypeError: refused adapters or method, a base that lacks an adapted weight or has another
+            shape, an output inside an input, an unknown ``dtype`` or ``input_hash``.
+    """
+    start = time.perf_counter()
+    method, out_dtype = get_method(method), _into_base_dtype(dtype)
+    if input_hash not in (*HASHES, None):
+        raise ValueError(f"Expected argument `input_hash` to be one of {[*HASHES, None]}, but got {input_hash!r}.")
+    source = open_source(base, prefix=prefix, label="base")
+    folders = _into_base_inputs(adapters)
+    inputs = [*([source.root()] if source.root() is not None else []), *folders]
+    output = check_output(output, overwrite=overwrite, inputs=inputs)
+    adapter = merge_adapters(method, adapters, compact=compact)
+    keys = set(source.keys())
+    names = [f"{name}.weight" for name in adapter.modules]
+    updated = merge_into_base(adapter, {k: source.get_tensor(k) for k in names if k in keys})
+    described = _describe_into_base_inputs(source, folders, adapter, input_hash)
+    with publish_folder(output) as tmp:
+        files = _write_base_plus_update(tmp, source, updated, out_dtype, max_shard_size, progress)
+        _copy_model_config(source, tmp)
+        record = MergeRecord(
+            method=method.name, options=method.options(), scaling=float(method.scaling), inputs=described,
+            outputs=[*files, RECORD_FILE], merged_keys=sorted(updated),
+            dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+            seconds=round(time.perf_counter() - start, 3),
+        )
+        record.save(tmp)
+    return record
+
+
+def _into_base_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    from lightning_merge.engine import DTYPES
+
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Expected argument `dtype` to be a floating-point torch dtype or one of {sorted(DTYPES)},"
+                         f" but got {dtype!r}.")
+    return DTYPES[dtype]
+
