@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test lint bench setup clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test,examples,plot]"
+	$(BIN)/python -m pip install -q -e ".[dev,examples,plot]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -21,8 +21,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/main_job.py $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest lightning_merge tests -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check lightning_merge tests examples benchmarks
+	$(BIN)/python -m mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_core.py

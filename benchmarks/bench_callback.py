@@ -32,12 +32,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, inher
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from bench_core import realistic_tasks  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from bench_core import realistic_tasks  # noqa: E402
 from lightning_merge import MergeCallback, get_method  # noqa: E402
 from lightning_merge.engine import plan_merge, shard_keys  # noqa: E402
 from lightning_merge.io import open_source  # noqa: E402
@@ -86,7 +86,7 @@ class MergeReport(Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             merge = next(c for c in trainer.callbacks if isinstance(c, MergeCallback))
             self.path.write_text(json.dumps({"seconds": merge.merge_seconds, "threads": torch.get_num_threads()}))
@@ -125,7 +125,7 @@ def print_balance(base: Path, tasks: dict[str, Path]) -> None:
         shards = shard_keys(plan, METHOD, len(sources), world)
         costs = [sum(METHOD.cost(plan.shapes[k], len(sources)) for k in keys) for keys in shards]
         shares = ", ".join(f"rank {r}: {len(keys)} keys {cost / sum(costs):.1%}"
-                           for r, (keys, cost) in enumerate(zip(shards, costs)))
+                           for r, (keys, cost) in enumerate(zip(shards, costs, strict=True)))
         print(f"shard_keys, {world} rank(s): {shares} of {sum(costs) / 1e9:.0f} GFLOP (estimated)")
 
 

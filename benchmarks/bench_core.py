@@ -44,7 +44,10 @@ def realistic_tasks(shape, T, noise, seed, rank, gap=None):
         s = torch.logspace(0, -1.5, rank)
         signal = (u * s) @ v.T
         eps = torch.randn(m, n, generator=g)
-        scale = noise * signal.norm() / eps.norm() if gap is None else gap * s[-1] / torch.linalg.matrix_norm(eps, ord=2)
+        if gap is None:
+            scale = noise * signal.norm() / eps.norm()
+        else:
+            scale = gap * s[-1] / torch.linalg.matrix_norm(eps, ord=2)
         out.append(signal + eps * scale)
     return torch.stack(out)
 
@@ -96,7 +99,8 @@ def guard_sweep(T=8, shape=(768, 768), ratios=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2
     k = min(shape) // T
     for ratio in ratios:
         deltas = realistic_tasks(shape, T, None, 0, k, gap=ratio)
-        print(f"{ratio:7.3f}{auto_choice(deltas, k):>9}{rel_err(F.tsv_m(deltas), F.tsv_m(deltas, solver='exact')):12.1e}",
+        error = rel_err(F.tsv_m(deltas), F.tsv_m(deltas, solver='exact'))
+        print(f"{ratio:7.3f}{auto_choice(deltas, k):>9}{error:12.1e}",
               flush=True)
 
 
@@ -185,8 +189,9 @@ def main():
     if args.skip_sensitivity:
         return
     guard_sweep()
-    for title, kwargs in (("effective rank 32 < k (the kept tail is noise)", {"signal_rank": 32}),
-                          ("power-law spectrum s_i = 1/i (no gap at k): auto falls back to exact", {"power_law": True})):
+    sensitivities = (("effective rank 32 < k (the kept tail is noise)", {"signal_rank": 32}),
+                     ("power-law spectrum s_i = 1/i (no gap at k): auto falls back to exact", {"power_law": True}))
+    for title, kwargs in sensitivities:
         print(f"sensitivity: {title}")
         print(header)
         row, solver = bench_shape((768, 768), args.tasks, args.noise, 1, seed=99, device=args.device, **kwargs)

@@ -280,14 +280,16 @@ def check_targets(
 
     engine_peak = max(med(v, "peak_mib") for v in results if v.startswith("engine_"))
     checks = [
-        (f"engine peak {engine_peak:.0f} MiB <= naive peak / 4 = {naive_peak / 4:.0f} MiB", engine_peak <= naive_peak / 4),
+        (f"engine peak {engine_peak:.0f} MiB <= naive peak / 4 = {naive_peak / 4:.0f} MiB",
+         engine_peak <= naive_peak / 4),
         (f"engine peak {engine_peak:.0f} MiB < 1024 MiB", engine_peak < 1024),
     ]
     if "engine_task_arithmetic" in results:
         ta, core = med("engine_task_arithmetic"), med("naive_task_arithmetic", "core_s")
         checks.append((f"engine task arithmetic {ta:.2f} s <= 2 x I/O floor = {2 * floor:.2f} s", ta <= 2 * floor))
-        checks.append((f"engine task arithmetic {ta:.2f} s <= core in memory + 2 x I/O floor = {core + 2 * floor:.2f} s",
-                       ta <= core + 2 * floor))
+        bound = core + 2 * floor
+        checks.append((f"engine task arithmetic {ta:.2f} s <= core in memory + 2 x I/O floor = {bound:.2f} s",
+                       ta <= bound))
     for suffix, what in (("_sha256", "with the inputs' sha256"), ("_nohash", "without input hashes")):
         if f"engine_task_arithmetic{suffix}" in results:
             ta = med(f"engine_task_arithmetic{suffix}")
@@ -295,7 +297,8 @@ def check_targets(
                            ta <= 2 * floor))
     if "engine_tsv_m" in results:
         tsv, core = med("engine_tsv_m"), med("naive_tsv_m", "core_s")
-        checks.append((f"engine TSV-M {tsv:.2f} s <= core in memory + I/O floor = {core + floor:.2f} s", tsv <= core + floor))
+        checks.append((f"engine TSV-M {tsv:.2f} s <= core in memory + I/O floor = {core + floor:.2f} s",
+                       tsv <= core + floor))
     return checks
 
 
@@ -304,7 +307,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=8, help="number of fine-tuned checkpoints (default 8)")
     parser.add_argument("--blocks", type=int, default=12, help="transformer blocks (default 12, as ViT-B/32)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant; medians are reported (default 3)")
-    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "tsv_m"], choices=["task_arithmetic", "tsv_m"],
+    parser.add_argument("--methods", nargs="+", default=["task_arithmetic", "tsv_m"],
+                        choices=["task_arithmetic", "tsv_m"],
                         help="merge methods to time, through the engine and naively (default: both)")
     parser.add_argument("--cache", choices=["warm", "cold", "both"], default="both",
                         help="inputs in the page cache, evicted before each variant, or both (default)")

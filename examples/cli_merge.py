@@ -29,8 +29,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import yaml
-
 from digits import TASKS, DigitNet, Digits
+
 from lightning_merge.io import open_source
 
 OVERRIDE = ["--method", "task_arithmetic", "--output", "merged/task_arithmetic"]

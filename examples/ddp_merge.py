@@ -29,14 +29,14 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from digits import TASKS, DigitNet, Digits
 from lightning.pytorch.callbacks import Callback
+from main_job import fine_tune, pretrain
 from torch.utils.data import DataLoader, TensorDataset
 
-from digits import TASKS, DigitNet, Digits
 from lightning_merge import MergeCallback, get_method
 from lightning_merge.engine import merge_keys, plan_merge, shard_keys
 from lightning_merge.io import open_source
-from main_job import fine_tune, pretrain
 
 METHOD = get_method("tsv_m")
 EXCLUDE = ["head.*"]
@@ -49,7 +49,7 @@ class RankChecksums(Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         digest = state_digest(pl_module.state_dict())
         gathered = trainer.strategy.all_gather(torch.frombuffer(bytearray(digest), dtype=torch.int64))
         if trainer.is_global_zero:
@@ -100,7 +100,7 @@ def print_shards(base: Path, tasks: dict[str, Path]) -> None:
     plan = plan_merge(open_source(base), sources, exclude=EXCLUDE)
     shards = shard_keys(plan, METHOD, len(sources), WORLD_SIZE)
     costs = [sum(METHOD.cost(plan.shapes[k], len(sources)) for k in keys) for keys in shards]
-    for rank, (keys, cost) in enumerate(zip(shards, costs)):
+    for rank, (keys, cost) in enumerate(zip(shards, costs, strict=True)):
         print(f"rank {rank} merged {len(keys)} keys, {cost / sum(costs):5.1%} of the estimated cost: {', '.join(keys)}")
 
 

@@ -28,11 +28,11 @@ import lightning.pytorch as pl
 import peft
 import torch
 import transformers
+from digits import PRETRAIN, Digits
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from digits import PRETRAIN, Digits
 from lightning_merge import MergeCallback
 
 LORA_TASKS = ("flip_lr", "flip_ud", "transpose", "anti_transpose", "identity", "rot90", "rot180", "rot270")
@@ -127,9 +127,9 @@ def table(data: Digits, pretrained: dict[str, Tensor], tasks: list[str], merge_d
 
 def print_table(tasks: list[str], rows: list[list[float]]) -> None:
     print(f"{'accuracy':<16}{'base':>8}{'own adapter':>14}{'merged adapter':>17}")
-    for task, (base, own, merged) in zip(tasks, rows):
+    for task, (base, own, merged) in zip(tasks, rows, strict=True):
         print(f"{task:<16}{base:>8.3f}{own:>14.3f}{merged:>17.3f}")
-    means = [sum(col) / len(col) for col in zip(*rows)]
+    means = [sum(col) / len(col) for col in zip(*rows, strict=True)]
     print(f"{'mean':<16}{means[0]:>8.3f}{means[1]:>14.3f}{means[2]:>17.3f}")
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-
 from digits import PRETRAIN, TASKS, DigitNet, Digits
+
 from lightning_merge import MergeCallback, get_method
 from lightning_merge.engine import task_matrices
 from lightning_merge.evaluation import MergedEvalLoop

@@ -1,10 +1,10 @@
 """MergedEvalLoop, the scaling search and the report, on tiny models and data built here."""
 
 import csv
-from functools import partial
 import json
 import random
 import sys
+from functools import partial
 
 import lightning.pytorch as pl
 import pytest

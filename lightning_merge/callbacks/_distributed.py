@@ -13,11 +13,24 @@ from lightning_merge.functional._checks import numel
 from lightning_merge.io import CheckpointSource
 from lightning_merge.methods import MergeMethod
 
+# the strategies a merge runs under (sharded ones are refused): both know their rank and the number of ranks
+RankedStrategy = pl.strategies.ParallelStrategy | pl.strategies.SingleDeviceStrategy
+
+
+def ranked(strategy: pl.strategies.Strategy) -> RankedStrategy:
+    """``strategy`` as one that knows its rank and the number of ranks (every Lightning strategy but custom ones)."""
+    if not isinstance(strategy, pl.strategies.ParallelStrategy | pl.strategies.SingleDeviceStrategy):
+        raise TypeError(
+            f"Expected the trainer's strategy to be a single-device or parallel strategy, but got"
+            f" {type(strategy).__name__}."
+        )
+    return strategy
+
 BUCKET_BYTES = 64 * 2**20
 
 
 def merge_shard(
-    strategy: pl.strategies.Strategy,
+    strategy: RankedStrategy,
     method: MergeMethod,
     base: CheckpointSource,
     tasks: Sequence[CheckpointSource],
@@ -37,7 +50,7 @@ def merge_shard(
     return mine
 
 
-def raise_if_any_failed(strategy: pl.strategies.Strategy, error: BaseException | None) -> None:
+def raise_if_any_failed(strategy: RankedStrategy, error: BaseException | None) -> None:
     """All-reduce a failure flag: the failing rank re-raises its error, the others raise a ``RuntimeError``."""
     if strategy.world_size == 1:
         if error is not None:
@@ -51,7 +64,7 @@ def raise_if_any_failed(strategy: pl.strategies.Strategy, error: BaseException |
         raise RuntimeError(f"The merge failed on {failed} other rank(s); their error messages say why.")
 
 
-def exchange(strategy: pl.strategies.Strategy, plan: MergePlan, base: CheckpointSource,
+def exchange(strategy: RankedStrategy, plan: MergePlan, base: CheckpointSource,
              mine: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Give every rank every merged tensor: byte buffers of up to 64 MiB, summed across ranks.
 

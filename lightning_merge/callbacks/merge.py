@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_merge.callbacks._distributed import exchange, merge_shard
+from lightning_merge.callbacks._distributed import exchange, merge_shard, ranked
 from lightning_merge.callbacks._files import MergedRun, save_merged, save_snapshot
 from lightning_merge.callbacks._lora import (
     MERGED_ADAPTER,
@@ -193,9 +193,9 @@ class MergeCallback(Callback):
         shards = shard_keys(self.plan, self.method, len(tasks), trainer.world_size)
         device = torch.device(self.device) if self.device is not None else trainer.strategy.root_device
         progress = self.progress and trainer.is_global_zero
-        mine = merge_shard(trainer.strategy, self.method, base, list(tasks.values()), shards, device=device,
-                           progress=progress)
-        merged = exchange(trainer.strategy, self.plan, base, mine)
+        strategy = ranked(trainer.strategy)
+        mine = merge_shard(strategy, self.method, base, list(tasks.values()), shards, device=device, progress=progress)
+        merged = exchange(strategy, self.plan, base, mine)
         _load_into(pl_module, merged)
         self.heads = {t: {k: src.get_tensor(k) for k in self.plan.excluded_keys} for t, src in tasks.items()}
         self.merge_seconds = time.perf_counter() - start
@@ -219,9 +219,9 @@ class MergeCallback(Callback):
             base = open_source(self.dirpath / "base", label="base snapshot")
             paths = {t: self.dirpath / _task_dirname(i, t) for i, t in enumerate(self.tasks)}
             return base, {t: open_source(p, label=f"task {t!r}") for t, p in paths.items()}
-        paths = trainer.strategy.broadcast({t: _checkpoint_path(t, c) for t, c in self.finetuned.items()})
+        given = trainer.strategy.broadcast({t: _checkpoint_path(t, c) for t, c in self.finetuned.items()})
         base = open_source(self.base, prefix=self.prefix, label="base")  # type: ignore[arg-type]
-        return base, {t: open_source(p, prefix=self.prefix, label=f"task {t!r}") for t, p in paths.items()}
+        return base, {t: open_source(p, prefix=self.prefix, label=f"task {t!r}") for t, p in given.items()}
 
     def _log(self, trainer: pl.Trainer, num_tasks: int) -> None:
         rank_zero_info(
@@ -231,7 +231,7 @@ class MergeCallback(Callback):
         params = {f"merge/{k}": v for k, v in self.method.options().items()}
         for logger in trainer.loggers:
             logger.log_hyperparams({"merge/method": self.method.name, **params})
-            logger.log_metrics({"merge/seconds": self.merge_seconds, "merge/num_tasks": num_tasks},
+            logger.log_metrics({"merge/seconds": float(self.merge_seconds or 0.0), "merge/num_tasks": num_tasks},
                                step=trainer.global_step)
 
     # ---------------------------------------------------------------------------------------------- files
@@ -298,7 +298,7 @@ def _check_workflow(tasks: Sequence[str] | None, base: PathLike | None,
                 f" got finetuned={finetuned!r} and base={base!r}."
             )
         return tuple(finetuned)
-    names = list(tasks) if not isinstance(tasks, str) else []
+    names = list(tasks) if tasks is not None and not isinstance(tasks, str) else []
     if not names or not all(isinstance(t, str) and t for t in names) or len(set(names)) != len(names):
         raise ValueError(f"Expected argument `tasks` to be a sequence of distinct task names, but got {tasks!r}.")
     return tuple(names)

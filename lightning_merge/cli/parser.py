@@ -280,7 +280,9 @@ def _usage_message(text: str) -> str:
         return "cannot read --config: " + " ".join(text.split(":", 1)[1].split())
     match = re.match(r'Parser key "(\w+)"[^:]*:(.*)', text, re.S) or re.match(
         r"argument --([\w-]+): invalid \w+ value:(.*)", text, re.S)
-    key = match.group(1).replace("-", "_") if match else None
+    if match is None:
+        return " ".join(text.split())
+    key = match.group(1).replace("-", "_")
     if key == "config":
         return "cannot read --config: " + " ".join(match.group(2).split())
     if key not in _EXPECTED:

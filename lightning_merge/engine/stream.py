@@ -103,7 +103,7 @@ def _prefetched(load: Callable[[str], Loaded], keys: Sequence[str]) -> Iterator[
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-read") as pool:
         pending = pool.submit(load, keys[0]) if keys else None
         for i, key in enumerate(keys):
-            loaded = pending.result()
+            loaded = pending.result()  # type: ignore[union-attr]  # keys[i] was submitted
             pending = pool.submit(load, keys[i + 1]) if i + 1 < len(keys) else None
             yield key, loaded
             del loaded

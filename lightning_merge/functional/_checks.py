@@ -199,6 +199,6 @@ def check_rcond(rcond: float) -> None:
         raise ValueError(f"Expected argument `rcond` to be a float in [0, 1), but got {rcond!r}.")
 
 
-def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"Expected argument `{name}` to be one of {list(choices)}, but got {value!r}.")

@@ -92,7 +92,7 @@ class SafetensorsSource(MappedSource):
             with safe_open(str(self.path), framework="pt") as f:
                 return f.get_tensor(stored)
         storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self._size)
-        tensor = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)
+        tensor = torch.empty(0, dtype=dtype).set_(storage, start // dtype.itemsize, shape)  # type: ignore[call-overload]
         _read_ahead(self.path, start, end - begin, tensor)
         return tensor
 

@@ -99,7 +99,7 @@ def _tensor_bytes(tensor: Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
         raise ValueError("Expected a little-endian machine to write safetensors, but this one is big-endian.")
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 class SafetensorsWriter:

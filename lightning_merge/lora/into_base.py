@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lightning_merge.functional._checks import check_choice
 from lightning_merge.io.hashing import HASHES, hash_file
 from lightning_merge.io.output import check_output, publish_folder
 from lightning_merge.io.record import RECORD_FILE, MergeRecord, describe_input
@@ -117,11 +118,11 @@ def merge_adapters_into_base(
     """
     start = time.perf_counter()
     method, out_dtype = get_method(method), _into_base_dtype(dtype)
-    if input_hash not in (*HASHES, None):
-        raise ValueError(f"Expected argument `input_hash` to be one of {[*HASHES, None]}, but got {input_hash!r}.")
+    check_choice("input_hash", input_hash, (*HASHES, None))
     source = open_source(base, prefix=prefix, label="base")
     folders = _into_base_inputs(adapters)
-    inputs = [*([source.root()] if source.root() is not None else []), *folders]
+    root = source.root()
+    inputs = [*([root] if root is not None else []), *folders]
     output = check_output(output, overwrite=overwrite, inputs=inputs)
     adapter = merge_adapters(method, adapters, compact=compact)
     keys = set(source.keys())
@@ -144,9 +145,9 @@ def merge_adapters_into_base(
 def _into_base_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     from lightning_merge.engine import DTYPES
 
-    if dtype is None or dtype in DTYPES.values():
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ValueError(f"Expected argument `dtype` to be a floating-point torch dtype or one of {sorted(DTYPES)},"
                          f" but got {dtype!r}.")
     return DTYPES[dtype]
