@@ -40,7 +40,7 @@ from lightning_merge.functional._checks import (
     resolve_rank,
 )
 from lightning_merge.functional.lora import LowRankUpdate, lora_merge, lora_sum
-from lightning_merge.functional.merges import Basis, Factors, TaskVectors, linear_merge
+from lightning_merge.functional.merges import Basis, Factors, Fit, TaskVectors, linear_merge
 from lightning_merge.functional.svd import SOLVERS, Solver, svd_merge_cost
 
 
@@ -274,16 +274,25 @@ class TSVM(SVDMethod):
 
 @dataclasses.dataclass(frozen=True)
 class SFTM(SVDMethod):
-    """SFTM, Superpose Features from Task Matrix (Qiu, Wu, Yao, arXiv:2502.10698; EMNLP 2025)."""
+    """SFTM, Superpose Features from Task Matrix (Qiu, Wu, Yao, arXiv:2502.10698; EMNLP 2025).
+
+    ``basis``: the superposed features (``"features"``, the paper) or TSV-M's orthogonalized ones (``"orthogonal"``,
+    this project's extension). ``fit``: the coefficients keep each kept feature's own response ``u^T M v = s``
+    (``"response"``, the paper's constraints, the default) or its whole mapping in least squares,
+    ``min sum ||M v - s u||^2`` (``"mapping"``, METHODS.md's second reading). See
+    :func:`lightning_merge.functional.sftm_factors`.
+    """
 
     name: ClassVar[str] = "sftm"
     reference_url: ClassVar[str] = "https://arxiv.org/abs/2502.10698"
     basis: Basis = "features"
     rcond: float | None = None
+    fit: Fit = "response"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("basis", self.basis, ("features", "orthogonal"))
+        check_choice("fit", self.fit, ("response", "mapping"))
         if self.rcond is not None:
             check_rcond(self.rcond)
 
@@ -296,10 +305,11 @@ class SFTM(SVDMethod):
             rcond=self.rcond,
             solver=self.solver,
             weights=self.weights,
+            fit=self.fit,
         )
 
     def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
-        return F.sftm_factors(U, s, V, basis=self.basis, rcond=self.rcond)
+        return F.sftm_factors(U, s, V, basis=self.basis, rcond=self.rcond, fit=self.fit)
 
 
 METHODS: dict[str, type[MergeMethod]] = {

@@ -37,6 +37,26 @@ def sftm(deltas, k, basis="features"):
     return bu @ np.diag(alpha) @ bv.T, u, s, v
 
 
+def sftm_mapping(deltas, k, basis="features"):
+    """SFTM's mapping fit by plain least squares over the stacked outputs: no normal equations.
+
+    The residual of feature i, ``M v_i - s_i u_i`` with ``M = sum_j alpha_j bu_j bv_j^T``, is linear in alpha:
+    column j of the design matrix stacks ``bu_j (bv_j . v_i)`` over every feature i.
+    """
+    u, s, v = concat_features(deltas, k)
+    n = len(s)
+    bu, bv = (u, v) if basis == "features" else (polar_svd(u), polar_svd(v))
+    design = np.stack([np.concatenate([bu[:, j] * (bv[:, j] @ v[:, i]) for i in range(n)]) for j in range(n)], 1)
+    target = np.concatenate([s[i] * u[:, i] for i in range(n)])
+    alpha = np.linalg.lstsq(design, target, rcond=None)[0]
+    return bu @ np.diag(alpha) @ bv.T, u, s, v
+
+
+def mapping_residual(merged, u, s, v):
+    """``sum_i ||M v_i - s_i u_i||^2`` over the kept features."""
+    return float(sum(np.sum((merged @ v[:, i] - s[i] * u[:, i]) ** 2) for i in range(len(s))))
+
+
 def ties(deltas, density):
     deltas = [np.asarray(d, dtype=np.float64).ravel() for d in deltas]
     size = deltas[0].size

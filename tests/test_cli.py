@@ -59,6 +59,15 @@ def test_merge_from_flags(tmp_path, files, capsys):
     assert record["options"]["rank"] == 2 and record["scaling"] == 0.8 and record["excluded_keys"] == ["head.weight"]
 
 
+def test_sftm_fit_from_flags(tmp_path, files, capsys):
+    argv = [*files["argv"], "--method", "sftm", "--fit", "mapping", "--basis", "orthogonal", "--exclude", "head.*"]
+    assert main(argv) == 0
+    method = get_method("sftm", fit="mapping", basis="orthogonal")
+    expected = method(files["base"]["w"], [t["w"] for t in files["tuned"]])
+    assert torch.equal(open_source(tmp_path / "out").get_tensor("w"), expected)
+    assert json.loads((tmp_path / "out" / "merge_record.json").read_text())["options"]["fit"] == "mapping"
+
+
 def test_quiet_prints_nothing(tmp_path, files, capsys):
     assert main([*files["argv"], "--method", "average", "--exclude", "head.*", "--quiet"]) == 0
     out = capsys.readouterr()
@@ -147,7 +156,8 @@ def test_help_documents_every_option(capsys):
         for flag in action.option_strings:
             assert flag in text
         assert action.help, action.dest
-    for option in ("--rank", "--density", "--basis", "--rcond", "--solver", "--weights", "--scaling", "--no-strict"):
+    for option in ("--rank", "--density", "--basis", "--fit", "--rcond", "--solver", "--weights", "--scaling",
+                   "--no-strict"):
         assert option in text
 
 

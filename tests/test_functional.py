@@ -57,6 +57,41 @@ def test_sftm_matches_naive_reference(T, m, n, basis):
     assert rel(F.sftm(deltas, solver="exact", basis=basis), expected) < 1e-9
 
 
+@pytest.mark.parametrize("basis", ["features", "orthogonal"])
+@pytest.mark.parametrize(("T", "m", "n"), [(3, 20, 12), (4, 9, 16), (2, 30, 30)])
+def test_sftm_mapping_fit_matches_plain_least_squares(T, m, n, basis):
+    deltas = [d.numpy() for d in low_rank_tasks(T, m, n, rank=4, noise=0.05, seed=T + m)]
+    k = min(m, n) // T
+    expected, *_ = ref.sftm_mapping(deltas, k, basis)
+    merged = F.sftm([torch.from_numpy(d) for d in deltas], solver="exact", basis=basis, fit="mapping")
+    assert rel(merged, expected) < 1e-8
+
+
+@pytest.mark.parametrize("basis", ["features", "orthogonal"])
+@pytest.mark.parametrize("seed", range(4))
+def test_sftm_mapping_residual_is_never_above_the_response_fits(basis, seed):
+    deltas = [d.numpy() for d in low_rank_tasks(4, 24, 18, rank=5, noise=0.1, seed=seed)]
+    k = 18 // 4
+    _, u, s, v = ref.sftm(deltas, k, basis)
+    tensors = [torch.from_numpy(d) for d in deltas]
+    response = F.sftm(tensors, solver="exact", basis=basis).numpy()
+    mapping = F.sftm(tensors, solver="exact", basis=basis, fit="mapping").numpy()
+    r_response, r_mapping = ref.mapping_residual(response, u, s, v), ref.mapping_residual(mapping, u, s, v)
+    assert r_mapping <= r_response * (1 + 1e-9)
+    assert r_mapping < 0.99 * r_response  # overlapping tasks: the two readings differ, the fit is strictly better
+
+
+@pytest.mark.parametrize("basis", ["features", "orthogonal"])
+def test_sftm_mapping_fit_keeps_the_properties_of_methods_md(basis):
+    T, k = 3, 2
+    orthogonal = orthogonal_tasks(T, k, 20, 15)
+    assert rel(F.sftm(orthogonal, rank=k, solver="exact", basis=basis, fit="mapping"), sum(orthogonal)) < 1e-10
+    d = low_rank_tasks(1, 16, 12, rank=6, noise=0.1)[0]
+    assert rel(F.sftm([d], rank=3, solver="exact", basis=basis, fit="mapping"), trunc(d, 3)) < 1e-10
+    identical = F.sftm([d] * 4, rank=3, solver="exact", basis=basis, fit="mapping")
+    assert rel(identical, trunc(d, 3)) < 1e-8  # one truncation, not four (the minimum-norm split)
+
+
 @pytest.mark.parametrize("density", [0.1, 0.5, 1.0])
 def test_ties_matches_naive_reference(density):
     deltas = [torch.randn(7, 5, dtype=f64) for _ in range(4)]
@@ -442,3 +477,5 @@ def test_sftm_rejects_bad_basis_and_rcond():
         F.sftm([torch.randn(3, 3)], basis="polar")
     with pytest.raises(ValueError, match="`rcond`"):
         F.sftm([torch.randn(3, 3)], rcond=2.0)
+    with pytest.raises(ValueError, match=r"Expected argument `fit` to be one of \['response', 'mapping'\]"):
+        F.sftm([torch.randn(3, 3)], fit="whole")

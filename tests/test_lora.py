@@ -49,11 +49,15 @@ DENSE = {
     "tsv_m": lambda d, **kw: F.tsv_m(d, solver="exact", **kw),
     "sftm": lambda d, **kw: F.sftm(d, solver="exact", **kw),
     "sftm_orthogonal": lambda d, **kw: F.sftm(d, solver="exact", basis="orthogonal", **kw),
+    "sftm_mapping": lambda d, **kw: F.sftm(d, solver="exact", fit="mapping", **kw),
+    "sftm_orthogonal_mapping": lambda d, **kw: F.sftm(d, solver="exact", basis="orthogonal", fit="mapping", **kw),
 }
 FACTORS = {
     "tsv_m": TSVM().factors,
     "sftm": SFTM().factors,
     "sftm_orthogonal": SFTM(basis="orthogonal").factors,
+    "sftm_mapping": SFTM(fit="mapping").factors,
+    "sftm_orthogonal_mapping": SFTM(basis="orthogonal", fit="mapping").factors,
 }
 
 
@@ -92,7 +96,7 @@ def test_dense_and_factored_paths_keep_the_same_components(m, n, dtype, second):
     assert lora_task_features([update], 2)[1].numel() == 2
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "sftm", "sftm_orthogonal"])
+@pytest.mark.parametrize("method", sorted(DENSE))
 @pytest.mark.parametrize("rank", [None, 3, 0.5])
 @pytest.mark.parametrize(("m", "n", "ranks"), [(48, 40, [4, 8, 2]), (40, 48, [8, 8, 8]), (30, 20, [16, 3])])
 def test_factored_path_equals_dense_path(method, rank, m, n, ranks):

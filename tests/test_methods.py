@@ -38,6 +38,7 @@ def test_get_method_builds_validated_picklable_objects():
         ("ties", {"density": 1.5}, ValueError, "`density`.*1.5"),
         ("sftm", {"basis": "svd"}, ValueError, "`basis`"),
         ("sftm", {"rcond": -1.0}, ValueError, "`rcond`"),
+        ("sftm", {"fit": "outputs"}, ValueError, r"`fit` to be one of \['response', 'mapping'\]"),
         ("average", {"weights": [1.0, float("inf")]}, ValueError, "`weights`"),
     ],
 )
@@ -50,6 +51,8 @@ def test_method_objects_delegate_to_the_functional_core():
     deltas = [torch.randn(12, 10, dtype=torch.float64) for _ in range(3)]
     assert torch.equal(TSVM(rank=2).merge(deltas), F.tsv_m(deltas, rank=2))
     assert torch.equal(SFTM(basis="orthogonal").merge(deltas), F.sftm(deltas, basis="orthogonal"))
+    assert torch.equal(SFTM(fit="mapping").merge(deltas), F.sftm(deltas, fit="mapping"))
+    assert not torch.equal(SFTM(fit="mapping").merge(deltas), SFTM().merge(deltas))
     assert torch.equal(TIES(density=0.3).merge(deltas), F.ties(deltas, density=0.3))
 
 

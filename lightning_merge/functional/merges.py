@@ -40,6 +40,7 @@ from lightning_merge.functional.svd import (
 
 TaskVectors = Sequence[Tensor] | Tensor
 Basis = Literal["features", "orthogonal"]
+Fit = Literal["response", "mapping"]
 Factors = tuple[Tensor, Tensor]
 
 
@@ -188,21 +189,37 @@ def tsv_m_factors(U: Tensor, s: Tensor, V: Tensor) -> Factors:
     return orthogonalize(U) * s.to(U.dtype), orthogonalize(V)
 
 
-def sftm_factors(U: Tensor, s: Tensor, V: Tensor, *, basis: Basis = "features", rcond: float | None = None) -> Factors:
-    """SFTM steps 3-4 on concatenated features, returned as factors ``(L, R)`` with ``M = L R^T``.
+def sftm_factors(
+    U: Tensor, s: Tensor, V: Tensor, *, basis: Basis = "features", rcond: float | None = None, fit: Fit = "response"
+) -> Factors:
+    """SFTM steps 3-4 on concatenated features, returned as factors ``(L, R)`` with ``M = L diag(alpha) R^T``.
 
-    ``basis="features"``: ``M = U diag(alpha) V^T`` with ``A alpha = s``, ``A = (U^T U) * (V^T V)``.
-    ``basis="orthogonal"``: ``M = U_perp diag(alpha) V_perp^T`` with ``B alpha = s``,
-    ``B = (U^T U_perp) * (V^T V_perp)``; since ``U^T U_perp = (U^T U)^{1/2}``, ``B`` is the element-wise product of
-    the Gram roots, symmetric PSD like ``A``. Both systems are solved in float64, minimum norm.
+    The bases: ``basis="features"`` takes ``L = U``, ``R = V``; ``basis="orthogonal"`` takes TSV-M's
+    ``L = U_perp = U (U^T U)^{+1/2}``, ``R = V_perp``. With ``C_U = L^T U`` and ``C_V = R^T V`` (the Grams
+    ``G_U = U^T U``, ``G_V = V^T V`` in the features basis, their roots in the orthogonal one), ``alpha`` solves, in
+    float64, minimum norm:
+
+    - ``fit="response"`` (the paper): ``u_ti^T M v_ti = s_ti`` for every kept feature, ``(C_U * C_V) alpha = s``;
+    - ``fit="mapping"`` (METHODS.md): least squares over each feature's whole output,
+      ``min sum ||M v_ti - s_ti u_ti||^2``, whose normal equations are ``((L^T L) * (C_V C_V^T)) alpha =
+      (C_U * C_V) s``; in the features basis ``(G_U * (G_V G_V)) alpha = (G_U * G_V) s``.
+
+    Every system matrix is an element-wise product of PSD matrices, so PSD (Schur).
     """
     rows = max(U.shape[0], V.shape[0])
     if basis == "features":
-        alpha = psd_solve(gram(U) * gram(V), s, rcond, U.dtype, rows).to(U.dtype)
-        return U * alpha, V
-    (ru, iu), (rv, iv) = gram_roots(U), gram_roots(V)
-    alpha = psd_solve(ru * rv, s, rcond, U.dtype, rows).to(U.dtype)
-    return (U @ iu.to(U.dtype)) * alpha, V @ iv.to(V.dtype)
+        cu, cv = gram(U), gram(V)
+        left, right, basis_gram = U, V, cu
+    else:
+        (cu, iu), (cv, iv) = gram_roots(U), gram_roots(V)  # U^T U_perp = G_U^{1/2}, symmetric
+        left, right = U @ iu.to(U.dtype), V @ iv.to(V.dtype)
+        basis_gram = iu @ cu @ cu @ iu  # U_perp^T U_perp: the projector on the kept range
+    response = cu * cv
+    if fit == "response":
+        alpha = psd_solve(response, s, rcond, U.dtype, rows)
+    else:
+        alpha = psd_solve(basis_gram * (cv @ cv.mT), response @ s.to(response.dtype), rcond, U.dtype, rows)
+    return left * alpha.to(U.dtype), right
 
 
 def _svd_merge(
@@ -266,6 +283,7 @@ def sftm(
     rcond: float | None = None,
     solver: Solver = "auto",
     weights: Sequence[float] | None = None,
+    fit: Fit = "response",
 ) -> Tensor:
     """SFTM, Superpose Features from Task Matrix (Qiu, Wu, Yao, arXiv:2502.10698; EMNLP 2025).
 
@@ -273,8 +291,10 @@ def sftm(
     budget as :func:`tsv_m`), and solve for ``M = sum alpha_ti u_ti v_ti^T`` such that ``u_ti^T M v_ti = s_ti`` for
     every kept feature: ``((U^T U) * (V^T V)) alpha = s``, minimum-norm least squares in float64 with eigenvalues
     below ``rcond * max`` cut (``None``: the inputs' round-off level). ``basis="orthogonal"`` (this project's
-    extension) keeps the same constraints but superposes TSV-M's orthogonalized features. Other parameters are
-    averaged.
+    extension) keeps the same constraints but superposes TSV-M's orthogonalized features. ``fit="mapping"``
+    (METHODS.md's second reading) chooses the coefficients that preserve each kept feature's whole mapping in least
+    squares, ``min sum ||M v_ti - s_ti u_ti||^2``, instead of only its own response (see :func:`sftm_factors`).
+    Other parameters are averaged.
 
     Example:
         >>> d = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))
@@ -282,10 +302,11 @@ def sftm(
         True
     """
     check_choice("basis", basis, ("features", "orthogonal"))
+    check_choice("fit", fit, ("response", "mapping"))
     if rcond is not None:
         check_rcond(rcond)
 
     def factors(U: Tensor, s: Tensor, V: Tensor) -> Factors:
-        return sftm_factors(U, s, V, basis=basis, rcond=rcond)
+        return sftm_factors(U, s, V, basis=basis, rcond=rcond, fit=fit)
 
     return _svd_merge(task_vectors, factors, rank=rank, scaling=scaling, solver=solver, weights=weights)
