@@ -163,6 +163,15 @@ def test_help_documents_every_option(capsys):
 
 def test_parse_size():
     assert parse_size("5GiB") == 5 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size("1024") == 1024
+    assert parse_size("1.5 MB") == 1_500_000 and parse_size(".5KiB") == 512
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "1.2.3", "1e9", "-5GB", "5 parsecs", ""])
+def test_bad_sizes_are_one_line_errors(tmp_path, files, capsys, text):
+    with pytest.raises(ValueError, match="expected a (positive )?size"):
+        parse_size(text)
+    message = run_error([*files["argv"], "--method", "average", "--max-shard-size", text], capsys)
+    assert "--max-shard-size" in message
 
 
 def test_console_entry_point_exit_code(tmp_path):

@@ -47,11 +47,11 @@ def parse_size(text: str | int) -> int:
         >>> parse_size("2GiB"), parse_size("1.5 MB"), parse_size("100")
         (2147483648, 1500000, 100)
     """
-    match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", str(text))
+    match = re.fullmatch(r"\s*(\d{1,18}(?:\.\d{0,9})?|\.\d{1,9})\s*([A-Za-z]*)\s*", str(text))
     unit = match.group(2).upper() if match else ""
     if not match or unit not in _SIZE_UNITS or isinstance(text, bool):
         raise ValueError(f"expected a size such as 5GB, 500MiB or 1048576, but got {text!r}")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    size = int(float(match.group(1)) * _SIZE_UNITS[unit])  # at most 18 digits times 2**30: finite
     if size <= 0:
         raise ValueError(f"expected a positive size, but got {text!r}")
     return size
