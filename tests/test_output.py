@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from lightning_merge.engine import merge_checkpoints
 from lightning_merge.io import RECORD_FILE, MergeRecord, check_output, describe_input, publish_folder
+from lightning_merge.io import output as output_module
 from lightning_merge.io.output import stale_temporaries
 
 
@@ -90,13 +91,14 @@ def _dead_pid() -> int:
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_others_kept(tmp_path):
-    out, dead, live = tmp_path / "out", _dead_pid(), os.getppid()
+    out, dead, live, host = tmp_path / "out", _dead_pid(), os.getppid(), output_module._host()
     names = {
-        f".out.lightning-merge-tmp-{dead}-0123abcd": "removed",  # a dead writer's temporary
-        f".out.lightning-merge-old-{dead}-89abcdef": "removed",  # a dead writer's old output moved aside
-        f".out.lightning-merge-tmp-{live}-0123abcd": "kept",  # a live writer's
-        f".other.lightning-merge-tmp-{dead}-0123abcd": "kept",  # another output's
-        f".out.lightning-merge-tmp-{dead}-xyz": "kept",  # not this library's pattern
+        f".out.lightning-merge-tmp-{host}-{dead}-0123abcd": "removed",  # a dead writer's temporary
+        f".out.lightning-merge-old-{host}-{dead}-89abcdef": "removed",  # a dead writer's old output moved aside
+        f".out.lightning-merge-tmp-{host}-{live}-0123abcd": "kept",  # a live writer's
+        f".out.lightning-merge-tmp-otherhost{host}-{dead}-0123abcd": "kept",  # another host's: cannot tell
+        f".other.lightning-merge-tmp-{host}-{dead}-0123abcd": "kept",  # another output's
+        f".out.lightning-merge-tmp-{host}-{dead}-xyz": "kept",  # not this library's pattern
         ".out.tmp-0123abcd": "kept",
         "out.lightning-merge-tmp-1-0123abcd": "kept",
     }
@@ -114,7 +116,7 @@ def test_stale_temporaries_of_dead_processes_are_removed_others_kept(tmp_path):
 
 def test_temporaries_name_this_process(tmp_path):
     with publish_folder(tmp_path / "out") as tmp:
-        assert f"-{os.getpid()}-" in tmp.name
+        assert f"-{output_module._host()}-{os.getpid()}-" in tmp.name
         assert stale_temporaries(tmp_path / "out") == []  # this process is alive: its temporary is not stale
 
 

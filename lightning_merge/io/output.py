@@ -4,10 +4,11 @@ Every output (the engine's merged folder, the command's adapters and merged base
 merged folder, a saved peft adapter) is written into a hidden temporary sibling and moved into place only once it
 is complete: :func:`publish_folder`. An existing folder being replaced is first moved aside, then the new one renamed
 in, then the old one deleted, so that an interruption at any point leaves either the old folder or the new one at
-the output path (and at worst a hidden sibling), never neither. Temporary names carry this library's tag and the
-writing process's id (``.<name>.lightning-merge-tmp-<pid>-<hex>``), so a later run to the same output recognises the
-leftovers of a process that died (:func:`stale_temporaries`) and removes them. :func:`check_output` holds the checks
-made before any work: a folder path, new unless ``overwrite``, and outside every input.
+the output path (and at worst a hidden sibling), never neither. Temporary names carry this library's tag, the
+writing host's name and the process's id (``.<name>.lightning-merge-tmp-<host>-<pid>-<hex>``), so a later run on the
+same host to the same output recognises the leftovers of a process that died (:func:`stale_temporaries`) and removes
+them. :func:`check_output` holds the checks made before any work: a folder path, new unless ``overwrite``, and
+outside every input.
 
 Example:
     >>> import tempfile
@@ -24,6 +25,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,8 +36,14 @@ TAG = "lightning-merge"
 _FILE_SUFFIXES = (".safetensors", ".ckpt", ".bin", ".pt", ".pth")
 
 
+def _host() -> str:
+    # the host's name, letters and digits only: another host's live process cannot be checked from here, so its
+    # temporaries (an output folder on a shared file system) are never taken for stale ones
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+
+
 def _temporary_name(output: Path, kind: str) -> Path:
-    return output.with_name(f".{output.name}.{TAG}-{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return output.with_name(f".{output.name}.{TAG}-{kind}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -53,17 +61,18 @@ def _pid_alive(pid: int) -> bool:
 def stale_temporaries(output: str | os.PathLike) -> list[Path]:
     """The temporary siblings of ``output`` left by processes of this library that are no longer running.
 
-    Only names of this module's own pattern (``.<name>.lightning-merge-{tmp,old}-<pid>-<hex8>``) whose process id
-    is not alive on this machine are returned; a live writer's temporaries are never listed.
+    Only names of this module's own pattern (``.<name>.lightning-merge-{tmp,old}-<host>-<pid>-<hex8>``) written on
+    this host by a process that is no longer alive are returned; a live writer's temporaries, and other hosts',
+    are never listed.
     """
     output = Path(output).absolute()
-    pattern = re.compile(rf"\.{re.escape(output.name)}\.{TAG}-(tmp|old)-(\d+)-[0-9a-f]{{8}}")
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.{TAG}-(tmp|old)-([A-Za-z0-9]{{0,32}})-(\d+)-[0-9a-f]{{8}}")
     if not output.parent.is_dir():
         return []
     stale = []
     for path in output.parent.iterdir():
         match = pattern.fullmatch(path.name)
-        if match and not _pid_alive(int(match.group(2))):
+        if match and match.group(2) == _host() and not _pid_alive(int(match.group(3))):
             stale.append(path)
     return sorted(stale)
 
