@@ -41,10 +41,10 @@ def task_module(state: dict) -> TaskModule:
     return module
 
 
-def task_loader(index: int) -> DataLoader:
+def task_loader(index: int, num_classes: int = 3) -> DataLoader:
     g = torch.Generator().manual_seed(100 + index)
     x = torch.randn(64, 8, generator=g)
-    y = torch.randint(0, 3, (64,), generator=g)
+    y = torch.randint(0, num_classes, (64,), generator=g)
     return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
 
 

@@ -117,3 +117,55 @@ class CompareOnValidationStart(pl.Callback):
         state = {k: v.tolist() for k, v in pl_module.state_dict().items()}
         out = {"report": report.to_dict(), "state": state, "world_size": trainer.world_size}
         Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
+
+
+class TrainableNet(TinyNet):
+    """:class:`TinyNet` that ``Trainer.fit`` can fine-tune (for the MergeCallback runs)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def probe(body: dict, head: dict) -> TinyNet:
+    """A TinyNet with ``body`` and ``head`` loaded, its class count the head's."""
+    net = TinyNet(classes=head["head.weight"].shape[0])
+    net.load_state_dict({**body, **head})
+    return net
+
+
+def class_loader(net: nn.Module, n: int, gen: torch.Generator, batch_size: int = 4) -> DataLoader:
+    """``n`` samples labelled by ``net``'s arg-max, the first two relabelled so that ``net`` is not perfect."""
+    x = torch.randn(n, 4, generator=gen)
+    with torch.no_grad():
+        logits = net(x)
+    y = logits.argmax(-1)
+    y[:2] = (y[:2] + 1) % logits.shape[-1]
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def make_class_problem(classes=(("two", 2), ("three", 3)), seed=0) -> Problem:
+    """Tasks with different numbers of classes (heads of shapes ``(c, 5)`` and ``(c,)``); ``finetuned[t]`` holds the
+    body and the head, as the README's snippet builds it."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {k: v.detach().clone() for k, v in TinyNet().state_dict().items() if k in BODY}
+    finetuned, heads, test, val = {}, {}, {}, {}
+    for task, c in classes:
+        body = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        heads[task] = {"head.weight": torch.randn(c, 5, generator=gen), "head.bias": torch.randn(c, generator=gen)}
+        finetuned[task] = {**body, **heads[task]}
+        net = probe(body, heads[task])
+        test[task], val[task] = class_loader(net, 13, gen), class_loader(net, 9, gen)
+    bodies = {t: {k: s[k] for k in BODY} for t, s in finetuned.items()}
+    merged_matrices = {name: merged_delta(get_method(name), base, bodies) for name in ("tsv_m", "task_arithmetic")}
+    return Problem(base, finetuned, heads, merged_matrices, test, val)
+
+
+class Untouchable:
+    """A dataloader that fails the test when iterated: the checks must come before any evaluation work."""
+
+    def __iter__(self):
+        raise AssertionError("a dataloader was iterated before the heads were checked")

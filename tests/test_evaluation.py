@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_merge import MergeCallback, get_method
+from lightning_merge.engine import plan_merge, task_matrices
 from lightning_merge.evaluation import (
     Accuracy,
     EvalResult,
@@ -25,13 +27,20 @@ from lightning_merge.evaluation import (
     search_scaling,
 )
 from lightning_merge.evaluation._data import shard
+from lightning_merge.io import open_source
 from tests._eval_helpers import (
     BODY,
     CompareOnValidationStart,
     TinyNet,
+    TrainableNet,
+    Untouchable,
     accuracy_and_count,
+    class_loader,
     dict_forward,
+    make_class_problem,
     make_problem,
+    merged_delta,
+    probe,
     two_metrics,
 )
 
@@ -301,3 +310,139 @@ def test_ddp_spawn_gives_the_numbers_of_one_process(tmp_path):
         assert out["world_size"] == 2
         assert out["report"] == report.to_dict()
         assert out["state"] == state
+
+
+# ------------------------------------------------------------------------------------- heads of any shape
+
+def _accuracy_of(body, head, loader):
+    net = probe(body, head)
+    x, y = loader.dataset.tensors
+    return (net(x).argmax(-1) == y).double().mean().item()
+
+
+def test_heads_with_other_class_counts_are_swapped_in_and_the_models_own_restored():
+    p = make_class_problem()  # tasks of 2 and 3 classes; the model's own head has 4
+    model = TinyNet(classes=4).train()
+    own_weight, before = model.head.weight, _state(model)
+    result = MergedEvalLoop(p.test, p.heads).run(model)
+    body = {k: v for k, v in model.state_dict().items() if k in BODY}
+    for task in p.test:
+        expected = _accuracy_of(body, p.heads[task], p.test[task])
+        assert result.scores[task]["accuracy"] == pytest.approx(expected, abs=1e-7)
+    assert model.head.weight is own_weight and model.head.out_features == 4 and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compare_with_heads_of_other_shapes_scores_every_row():
+    p = make_class_problem()
+    model = TinyNet(classes=3)
+    loop = MergedEvalLoop(p.test, p.heads)
+    report = loop.compare(model, p.base, p.merged_matrices, p.finetuned, p.val, grid=(0.5, 1.0), verbose=False)
+    assert list(report.rows) == ["pretrained", "finetuned", "tsv_m", "task_arithmetic"]
+    for task in p.test:
+        own = report.rows["finetuned"].scores[task]["accuracy"]
+        assert own == pytest.approx(_accuracy_of(p.finetuned[task], p.heads[task], p.test[task]), abs=1e-7)
+        assert report.rows["pretrained"].scores[task]["accuracy"] == pytest.approx(
+            _accuracy_of(p.base, p.heads[task], p.test[task]), abs=1e-7)
+    assert model.head.out_features == 3 and model.head.weight.shape == (3, 5)
+
+
+@pytest.mark.parametrize(
+    ("head", "match"),
+    [
+        ({"head.weight": torch.zeros(2, 5), "head.bias": torch.zeros(3)},
+         r"module 'head' in `heads\['three'\]`.*'head.weight': \(2, 5\), 'head.bias': \(3,\)"),
+        ({"head.weight": torch.zeros(3, 4)},
+         r"`heads\['three'\]\['head.weight'\]`.*\(classes, 5\).*but got \(3, 4\)"),
+        ({"head.bias": torch.zeros(3, 1)}, r"`heads\['three'\]\['head.bias'\]`.*\(classes,\).*but got \(3, 1\)"),
+        ({"head.bias": torch.zeros(3, dtype=torch.int64)}, r"`heads\['three'\]\['head.bias'\]`.*floating.*int64"),
+        ({"head.weigth": torch.zeros(3, 5)}, r"`heads\['three'\]`.*'head.weigth'"),
+    ],
+)
+def test_heads_are_checked_before_any_work_naming_task_key_and_expectation(head, match):
+    p = make_class_problem()
+    heads = {**p.heads, "three": head}
+    untouchable = {task: Untouchable() for task in p.test}
+    with pytest.raises(ValueError, match=match):
+        MergedEvalLoop(untouchable, heads).run(TinyNet())
+    with pytest.raises(ValueError, match=match):
+        MergedEvalLoop(untouchable, heads).compare(TinyNet(), p.base, p.merged_matrices, p.finetuned, untouchable)
+
+
+class _NotMergedYet:
+    heads: dict = {}
+    plan = base_source = None
+    task_sources: dict = {}
+
+    def task_matrices(self, methods, *, progress=True):
+        raise AssertionError("not to be called")
+
+
+class _Merged:
+    """What a MergeCallback holds after merging; its ``task_matrices`` must come after the checks."""
+
+    def __init__(self, p):
+        self.heads = p.heads
+        self.plan = plan_merge(open_source(p.base), [open_source(s) for s in p.finetuned.values()], strict=False)
+        self.base_source = open_source(p.base)
+        self.task_sources = {t: open_source(s) for t, s in p.finetuned.items()}
+        self.calls = []
+
+    def task_matrices(self, methods, *, progress=True):
+        self.calls.append((list(methods), progress))
+        return {m: merged_delta(get_method(m), {k: self.base_source.get_tensor(k) for k in BODY},
+                                {t: {k: s.get_tensor(k) for k in BODY} for t, s in self.task_sources.items()})
+                for m in methods}
+
+
+def test_compare_callback_checks_heads_and_keys_before_the_task_matrices():
+    p = make_class_problem()
+    with pytest.raises(ValueError, match="has not merged.*HINT"):
+        MergedEvalLoop.from_callback(_NotMergedYet(), p.test)
+    merge = _Merged(p)
+    with pytest.raises(ValueError, match=r"`dataloaders` to name tasks that `merge` merged \['two', 'three'\].*'four'"):
+        MergedEvalLoop.from_callback(merge, {**p.test, "four": p.test["two"]})
+    bad = MergedEvalLoop(p.test, {**p.heads, "two": {"head.weight": torch.zeros(2, 4)}})
+    with pytest.raises(ValueError, match=r"`heads\['two'\]\['head.weight'\]`"):
+        bad.compare_callback(TinyNet(), merge, ["tsv_m"])
+    renamed = TinyNet()
+    renamed.trunk = renamed.body
+    del renamed.body
+    with pytest.raises(ValueError, match=r"`merge.plan.merge_keys`.*'body.weight'"):
+        MergedEvalLoop.from_callback(merge, p.test).compare_callback(renamed, merge, ["tsv_m"])
+    assert merge.calls == []
+    report = MergedEvalLoop.from_callback(merge, p.test).compare_callback(
+        TinyNet(), merge, ["tsv_m"], p.val, grid=(0.5, 1.0), progress=False, verbose=False)
+    assert merge.calls == [(["tsv_m"], False)] and list(report.rows) == ["pretrained", "finetuned", "tsv_m"]
+
+
+def test_from_callback_and_compare_callback_on_a_merge_callback_run(tmp_path):
+    torch.manual_seed(0)
+    pretrained = {k: v for k, v in TrainableNet().state_dict().items() if k in BODY}
+    merge = MergeCallback("tsv_m", tasks=["two", "three"], exclude=["head.*"], progress=False)
+    gen, test, val = torch.Generator().manual_seed(1), {}, {}
+    for task, classes in zip(merge.tasks, (2, 3), strict=True):
+        model = TrainableNet(classes=classes)
+        model.load_state_dict(pretrained, strict=False)
+        teacher = TinyNet(classes=classes)
+        train, test[task], val[task] = (class_loader(teacher, n, gen) for n in (32, 13, 9))
+        pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                   callbacks=[merge]).fit(model, train)
+    own_head = _state(model.head)
+    loop = MergedEvalLoop.from_callback(merge, test)
+    report = loop.compare_callback(model, merge, methods=["tsv_m", "sftm"], val_dataloaders=val, grid=(0.5, 1.0),
+                                   progress=False, verbose=False)
+    assert list(report.rows) == ["pretrained", "finetuned", "tsv_m", "sftm"]
+    keys = list(merge.plan.merge_keys)
+    base = {k: merge.base_source.get_tensor(k) for k in keys}
+    matrix = dict(task_matrices(get_method("tsv_m"), merge.base_source, list(merge.task_sources.values()), keys))
+    lam = report.scaling["tsv_m"]
+    for task, source in merge.task_sources.items():
+        ft = {k: source.get_tensor(k) for k in keys}
+        expected = _accuracy_of(ft, merge.heads[task], test[task])
+        assert report.rows["finetuned"].scores[task]["accuracy"] == pytest.approx(expected, abs=1e-7)
+        at_lam = {k: base[k] + lam * matrix[k] for k in keys}
+        expected = _accuracy_of(at_lam, merge.heads[task], test[task])
+        assert report.rows["tsv_m"].scores[task]["accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert all(torch.equal(own_head[k], v) for k, v in model.head.state_dict().items())

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_merge.io import (
+    MODEL_FILES,
     CheckpointSource,
     HFFolderSource,
     PrefixedSource,
@@ -23,9 +24,11 @@ from lightning_merge.io import (
     StateDictSource,
     TensorSpec,
     TorchFileSource,
+    copy_model_files,
     open_source,
     save_state_dict,
 )
+from lightning_merge.io.hf import MAX_FILE_BYTES
 from lightning_merge.io.writer import write_stream
 
 
@@ -440,3 +443,101 @@ def test_writer_checks_order_shape_and_completeness(tmp_path):
         save_state_dict({}, tmp_path / "nope")
     with pytest.raises(ValueError, match="Expected argument `max_shard_size` to be a positive int"):
         save_state_dict({"a": torch.zeros(1)}, tmp_path, max_shard_size=0)
+
+
+# ------------------------------------------------------------------------------- Hugging Face model files
+
+def _model_folder(root: Path) -> Path:
+    folder = root / "model"
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    for other in ("model.safetensors", "pytorch_model.bin", "README.md", "secrets.env", "2_Dense/config.json"):
+        (folder / other).parent.mkdir(exist_ok=True)
+        (folder / other).write_text("never copied")
+    (root / "out").mkdir()
+    return folder
+
+
+def _new_folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def test_copy_model_files_copies_the_allow_list_only(tmp_path):
+    folder = _model_folder(tmp_path)
+    copied = copy_model_files(folder, tmp_path / "out")
+    assert copied == ["config.json", "tokenizer.json", "1_Pooling/config.json"]
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == sorted(copied)
+    assert all((tmp_path / "out" / n).read_bytes() == (folder / n).read_bytes() for n in copied)
+    assert set(MODEL_FILES) >= set(copied) and not any("*" in n or n.endswith(".safetensors") for n in MODEL_FILES)
+
+
+def test_copy_model_files_refuses_links_out_of_the_folder(tmp_path):
+    folder = _model_folder(tmp_path)
+    (tmp_path / "id_rsa").write_text("secret")
+    (folder / "vocab.txt").symlink_to(tmp_path / "id_rsa")
+    with pytest.raises(ValueError, match=r"'vocab.txt' in model folder .*link to .*id_rsa.*HINT"):
+        copy_model_files(folder, tmp_path / "out")
+    assert not (tmp_path / "out" / "vocab.txt").exists()
+
+
+def test_copy_model_files_refuses_a_linked_subfolder(tmp_path):
+    folder = _model_folder(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text("{}")
+    os.rename(folder / "1_Pooling", tmp_path / "pooling")
+    (folder / "1_Pooling").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"'1_Pooling' in model folder .*'1_Pooling/config.json'.*link"):
+        copy_model_files(folder, tmp_path / "out")
+
+
+def test_copy_model_files_follows_links_of_the_hugging_face_cache_only_into_its_blobs(tmp_path):
+    repo = tmp_path / "models--org--name"
+    snapshot = repo / "snapshots" / "0123abcd"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs" / "f00d").write_text('{"model_type": "bert"}')
+    (snapshot / "config.json").symlink_to(Path("..", "..", "blobs", "f00d"))
+    (tmp_path / "out").mkdir()
+    assert copy_model_files(snapshot, tmp_path / "out") == ["config.json"]
+    assert not (tmp_path / "out" / "config.json").is_symlink()
+    assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "bert"}'
+    (tmp_path / "outside").write_text("secret")
+    (snapshot / "vocab.txt").symlink_to(tmp_path / "outside")
+    with pytest.raises(ValueError, match="'vocab.txt'.*link"):
+        copy_model_files(snapshot, _new_folder(tmp_path / "out2"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_copy_model_files_refuses_what_is_not_a_regular_file(tmp_path):
+    folder = _model_folder(tmp_path)
+    os.mkfifo(folder / "vocab.txt")  # opening a pipe for reading would block: refused without waiting
+    with pytest.raises(ValueError, match=r"'vocab.txt' in model folder .*regular file.*mode p"):
+        copy_model_files(folder, tmp_path / "out")
+    os.unlink(folder / "vocab.txt")
+    (folder / "merges.txt").mkdir()
+    with pytest.raises(ValueError, match=r"'merges.txt' in model folder .*regular file.*mode d"):
+        copy_model_files(folder, _new_folder(tmp_path / "out2"))
+
+
+def test_copy_model_files_caps_the_size_of_each_file(tmp_path):
+    folder = _model_folder(tmp_path)
+    (folder / "tokenizer.json").write_bytes(b"x" * 101)
+    with pytest.raises(ValueError, match=r"'tokenizer.json' in model folder .* at most 100 bytes.*has 101 bytes"):
+        copy_model_files(folder, tmp_path / "out", max_bytes=100)
+    assert MAX_FILE_BYTES == 64 * 2**20
+
+
+def test_copy_model_files_never_overwrites_and_checks_its_folders(tmp_path):
+    folder = _model_folder(tmp_path)
+    (tmp_path / "out" / "config.json").write_text("mine")
+    with pytest.raises(FileExistsError):
+        copy_model_files(folder, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").read_text() == "mine"
+    with pytest.raises(NotADirectoryError, match="`source_folder`"):
+        copy_model_files(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(NotADirectoryError, match="`dest_folder`"):
+        copy_model_files(folder, folder / "config.json")

@@ -61,7 +61,7 @@ def test_the_record_lists_the_base_and_every_adapter_with_hashes(setup, algorith
     record = merge_adapters_into_base("tsv_m", [a[0] for a in adapters], tmp / "base", tmp / "out",
                                       input_hash=algorithm)
     loaded = MergeRecord.load(tmp / "out")
-    assert loaded == record and loaded.outputs == ["model.safetensors", "merge_record.json"]
+    assert loaded == record and loaded.outputs == ["model.safetensors", "config.json", "merge_record.json"]
     assert [i["role"] for i in loaded.inputs] == ["base", "adapter", "adapter"]
     digest = (lambda b: xxhash.xxh3_128(b).hexdigest()) if algorithm == "xxh3_128" else (
         lambda b: hashlib.sha256(b).hexdigest())

@@ -2,24 +2,30 @@
 
 Every folder is published atomically (:func:`~lightning_merge.io.output.publish_folder`): written into a hidden
 temporary sibling and swapped in only once complete, so a crash or a full disk leaves the previous folder (or none).
-The merged folder holds the merged weights (excluded keys from the base), each task's excluded keys as
-``heads/<task>.safetensors``, and a :class:`~lightning_merge.io.record.MergeRecord` whose inputs carry their files'
-sizes and XXH3-128 hashes, in the same schema as the engine's.
+The merged folder holds the merged weights (excluded keys from the base; or, when the module holds a
+``transformers`` model, a Hugging Face model folder: :mod:`~lightning_merge.callbacks._hf`), each task's excluded keys
+as ``heads/<task>.safetensors`` (keyed as in the LightningModule; the file name is the task's safe name), and a
+:class:`~lightning_merge.io.record.MergeRecord` whose inputs carry their files' sizes and XXH3-128 hashes, in the
+same schema as the engine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lightning_merge.callbacks._hf import save_hf_model
+from lightning_merge.callbacks._tasks import safe_name
 from lightning_merge.engine import MergePlan
 from lightning_merge.io import RECORD_FILE, CheckpointSource, MergeRecord, describe_input, hash_file, publish_folder
-from lightning_merge.io.writer import save_state_dict
+from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, save_state_dict
 from lightning_merge.methods import MergeMethod
 
 HEADS = "heads"
@@ -69,15 +75,39 @@ def _hashes(source: CheckpointSource) -> dict[Path, str]:
     return {path: hash_file(path, "xxh3_128") for path in source.files()}
 
 
+def save_heads(folder: Path, heads: Mapping[str, Mapping[str, Tensor]]) -> list[str]:
+    """Write each task's task-specific tensors as ``folder/<task>.safetensors`` (the task's safe file name)."""
+    if heads:
+        folder.mkdir(parents=True, exist_ok=True)
+    for task, head in heads.items():
+        save_file({k: v.contiguous() for k, v in head.items()}, str(folder / f"{safe_name(task)}.safetensors"))
+    return [f"{safe_name(task)}.safetensors" for task in heads]
+
+
 def save_merged(folder: Path, state: Mapping[str, Tensor], heads: Mapping[str, Mapping[str, Tensor]],
-                run: MergedRun) -> MergeRecord:
-    """Publish the merged folder: the weights, ``heads/<task>.safetensors`` and ``merge_record.json``."""
+                run: MergedRun, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                hf_model: tuple[str, Any] | None = None) -> MergeRecord:
+    """Publish the merged folder: the weights (a Hugging Face model folder when ``hf_model`` is the module's
+    ``(attribute path, PreTrainedModel)``), ``heads/<task>.safetensors`` and ``merge_record.json``."""
     with publish_folder(folder) as tmp:
-        files = save_state_dict(state, tmp)
-        for task, head in heads.items():
-            (tmp / HEADS).mkdir(exist_ok=True)
-            save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / HEADS / f"{task}.safetensors"))
-            files.append(f"{HEADS}/{task}.safetensors")
+        if hf_model is not None:
+            files = save_hf_model(tmp, hf_model, state, run.plan.excluded_keys, max_shard_size)
+        else:
+            files = save_state_dict(state, tmp, max_shard_size=max_shard_size)
+        files += [f"{HEADS}/{name}" for name in save_heads(tmp / HEADS, heads)]
         record = run.record([*files, RECORD_FILE])
         record.save(tmp)
     return record
+
+
+def log_merge(method: MergeMethod, seconds: float | None, num_tasks: int, world_size: int, loggers: Sequence[Any],
+              step: int) -> None:
+    """Log the merge on rank zero, and its method, options and time to the trainer's loggers."""
+    rank_zero_info(
+        f"MergeCallback: merged {num_tasks} tasks with {method.name} {method.options()} in {seconds or 0.0:.2f} s on"
+        f" {world_size} rank(s)."
+    )
+    params = {f"merge/{k}": v for k, v in method.options().items()}
+    for logger in loggers:
+        logger.log_hyperparams({"merge/method": method.name, **params})
+        logger.log_metrics({"merge/seconds": float(seconds or 0.0), "merge/num_tasks": num_tasks}, step=step)

@@ -10,22 +10,30 @@ Detection: a ``peft.PeftModel`` among the module's submodules. LoRA layers witho
 ``peft.inject_adapter_in_model``) are refused, since their factors would otherwise be merged as parameters.
 peft is only consulted when it is already imported: a module cannot hold a ``PeftModel`` otherwise.
 
+Task-specific parameters (``exclude``, e.g. a classification head per task) are recorded per task as
+``task-XX-<task>/heads.safetensors`` (keyed as in the LightningModule) and written at the merge as
+``dirpath/merged_heads/<task>.safetensors``, beside ``merged_adapter``, which stays a plain peft adapter folder.
+
 Under DDP every rank merges the adapters itself (seconds on CPU, the same inputs and the same operations, so the same
-result, and the same error on every rank if any), and rank zero writes ``merged_adapter``.
+result, and the same error on every rank if any), and rank zero writes ``merged_adapter`` and ``merged_heads``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from safetensors.torch import save_file
+from lightning.pytorch.utilities import rank_zero_warn
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
+from lightning_merge.callbacks._files import save_heads
+from lightning_merge.callbacks._tasks import excluded
 from lightning_merge.io import publish_folder
 from lightning_merge.lora import (
     CONFIG_NAME,
@@ -38,6 +46,8 @@ from lightning_merge.lora import (
 from lightning_merge.methods import MergeMethod
 
 MERGED_ADAPTER = "merged_adapter"
+MERGED_HEADS = "merged_heads"
+HEADS_FILE = "heads.safetensors"
 
 
 def find_peft_model(pl_module: torch.nn.Module) -> Any | None:
@@ -103,8 +113,9 @@ def check_lora_fit(pl_module: pl.LightningModule, method: MergeMethod) -> bool:
     return True
 
 
-def save_task_adapter(peft_model: Any, folder: Path) -> None:
-    """Write the active adapter as a peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)."""
+def save_task_adapter(peft_model: Any, folder: Path, heads: Mapping[str, Tensor]) -> None:
+    """Write the active adapter as a peft adapter folder (``adapter_config.json``, ``adapter_model.safetensors``)
+    with the task's ``heads`` (keys of the LightningModule matched by ``exclude``) as ``heads.safetensors``."""
     from peft import get_peft_model_state_dict
 
     name = _adapter_name(peft_model)
@@ -115,6 +126,27 @@ def save_task_adapter(peft_model: Any, folder: Path) -> None:
     with publish_folder(folder) as tmp:
         save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        if heads:
+            save_file(dict(heads), str(tmp / HEADS_FILE), metadata={"format": "pt"})
+
+
+def load_task_heads(folder: Path) -> dict[str, Tensor]:
+    """The task-specific tensors recorded beside a task's adapter (none when the fit had none)."""
+    return load_file(str(folder / HEADS_FILE)) if (folder / HEADS_FILE).is_file() else {}
+
+
+def warn_unrecorded(pl_module: torch.nn.Module, peft_model: Any, exclude: Sequence[str]) -> None:
+    """Warn (before training) about trainable parameters outside the PeftModel that ``exclude`` does not match:
+    they are neither merged nor recorded per task, so each task's values would be lost."""
+    inside = {id(p) for p in peft_model.parameters()}
+    names = [n for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in inside]
+    lost = [n for n in names if n not in set(excluded(names, exclude))]
+    if lost:
+        rank_zero_warn(
+            f"MergeCallback: the trainable parameter {lost[0]!r} ({len(lost)} in all) is outside the PeftModel and not"
+            " matched by `exclude`: only the LoRA factors are merged, so each task's value would be lost. HINT: add"
+            f" it to `exclude` (e.g. {lost[0].rsplit('.', 1)[0] + '.*'!r}) to record it per task in `heads`."
+        )
 
 
 def fold_into_base(peft_model: Any, adapter: LoraAdapter) -> None:
@@ -134,17 +166,22 @@ def fold_into_base(peft_model: Any, adapter: LoraAdapter) -> None:
 
 
 def merge_lora_tasks(
-    trainer: pl.Trainer,
-    pl_module: pl.LightningModule,
+    strategy: pl.strategies.Strategy,
+    pl_module: torch.nn.Module,
     method: MergeMethod,
-    task_dirs: Sequence[Path],
+    task_dirs: Mapping[str, Path],
     output: Path | None,
-) -> LoraAdapter:
-    """Merge the recorded task adapters (on every rank), write ``output`` on rank zero, fold into ``pl_module``."""
-    adapter = merge_adapters(method, task_dirs)
+) -> tuple[LoraAdapter, dict[str, dict[str, Tensor]]]:
+    """Merge the recorded task adapters (on every rank), write ``output`` and ``output/../merged_heads`` on rank
+    zero, fold into ``pl_module``; returns the merged adapter and each task's heads."""
+    adapter = merge_adapters(method, list(task_dirs.values()))
+    heads = {task: head for task, folder in task_dirs.items() if (head := load_task_heads(folder))}
     if output is not None:
-        if trainer.is_global_zero:
+        if strategy.is_global_zero:
             adapter.save(output)
-        trainer.strategy.barrier("MergeCallback.save_merged_adapter")
+            if heads:
+                with publish_folder(output.parent / MERGED_HEADS) as tmp:
+                    save_heads(tmp, heads)
+        strategy.barrier("MergeCallback.save_merged_adapter")
     fold_into_base(find_peft_model(pl_module), adapter)
-    return adapter
+    return adapter, heads

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import os
+import inspect
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -14,29 +12,36 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_merge.callbacks._distributed import exchange, merge_shard, ranked
-from lightning_merge.callbacks._files import MergedRun, save_merged, save_snapshot
+from lightning_merge.callbacks import _checks, _tasks
+from lightning_merge.callbacks._checks import Methods, PathLike
+from lightning_merge.callbacks._checks import check_strategy as _check_strategy
+from lightning_merge.callbacks._distributed import RankedStrategy, exchange, merge_shard, ranked
+from lightning_merge.callbacks._files import MergedRun, log_merge, save_merged, save_snapshot
+from lightning_merge.callbacks._hf import find_pretrained_model
 from lightning_merge.callbacks._lora import (
     MERGED_ADAPTER,
     check_lora_fit,
     find_peft_model,
     merge_lora_tasks,
     save_task_adapter,
+    warn_unrecorded,
 )
+from lightning_merge.callbacks._tasks import task_dirname as _task_dirname
 from lightning_merge.engine import MergePlan, plan_merge, shard_keys
+from lightning_merge.engine import task_matrices as engine_task_matrices
 from lightning_merge.io import CheckpointSource, open_source
+from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE
 from lightning_merge.lora import LoraAdapter
 from lightning_merge.methods import MergeMethod, get_method
 
-log = logging.getLogger(__name__)
-PathLike = str | os.PathLike
-MANIFEST = "manifest.json"
-SHARDED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+__all__ = ["MergeCallback"]
+
+_TAKES_PROGRESS = "progress" in inspect.signature(engine_task_matrices).parameters
 
 
 class MergeCallback(Callback):
@@ -44,51 +49,78 @@ class MergeCallback(Callback):
 
     Two workflows:
 
-    1. ``tasks=[...]``: fine-tune the tasks one after another, one ``Trainer.fit`` each, passing this same callback.
-       Each fit must start from the pre-trained weights. The callback snapshots them when the first fit starts,
-       records each task's weights when its fit ends (rank zero writes them under ``dirpath``), and merges when the
-       last task's fit ends.
+    1. ``tasks=[...]``: fine-tune the tasks with one ``Trainer.fit`` each, in one process or one job per task, passing
+       a callback with the same ``tasks`` and ``dirpath``. Each fit must start from the pre-trained weights. The
+       first fit snapshots them, each fit records its task's weights when it ends (rank zero writes them under
+       ``dirpath``), and the fit that records the last missing task merges, whatever the order of the tasks.
     2. ``base=..., finetuned={task: checkpoint}``: tasks fine-tuned elsewhere (paths of Lightning ``.ckpt``,
        safetensors, Hugging Face folders, or ``ModelCheckpoint`` callbacks whose ``best_model_path`` is used); the
        merge happens when the current fit ends, into the module being fit.
 
+    **Which task a fit is** (workflow 1), the first that is set of: this callback's ``task`` (the argument, or
+    ``merge.task = "sst2"`` before the fit; a LightningCLI config sets it per run), the environment variable
+    ``LIGHTNING_MERGE_TASK``, a ``merge_task`` attribute of the datamodule, then of the LightningModule, and only then
+    the next declared task not recorded yet (one process fitting the tasks in order). A task that is not declared, or
+    one already recorded (unless ``overwrite=True``), is refused when the fit starts, before training.
+
+    **State across processes**: the recorded tasks are listed in ``dirpath/manifest.json``. A new process with the
+    same ``tasks`` and ``dirpath`` resumes an unfinished run there: it adopts the recorded tasks, does not snapshot the
+    base again (it warns when the module does not start from the recorded base) and records its own task; a finished
+    run there is replaced by a new one; an unfinished run of other tasks is an error. Jobs of one run are meant to
+    run one after another (the manifest is rewritten by each). A fit that ends with tasks still missing logs which;
+    :meth:`merge_collected` merges the tasks recorded so far into a module, outside a Trainer.
+
+    Layout of ``dirpath`` (task folder names: ``task-XX-<name>``, ``XX`` the declared index, the name with anything
+    but ASCII letters, digits, ``-``, ``_`` and ``.`` replaced by ``_``; the same safe name for ``<task>`` below)::
+
+        manifest.json          the run: tasks, recorded tasks, mode, each task's task-specific keys
+        base/                  full fine-tunes: the pre-trained snapshot (safetensors)
+        task-XX-<name>/        full: the module's state dict; LoRA: the peft adapter plus heads.safetensors
+        merged/                full: the merged weights, heads/<task>.safetensors, merge_record.json
+        merged_adapter/        LoRA: the merged peft adapter (PeftModel.from_pretrained(base_model, ...))
+        merged_heads/          LoRA: <task>.safetensors, each task's task-specific tensors
+
+    ``merged/`` holds ``model.safetensors`` (sharded above ``max_shard_size``) with the LightningModule's keys, the
+    excluded ones from the base; when the module holds exactly one outermost ``transformers.PreTrainedModel`` (e.g.
+    ``self.encoder``), it is instead that model's own ``save_pretrained`` folder with the merged weights (its names,
+    loadable with ``AutoModel.from_pretrained``), plus its tokenizer and other non-weight files when its
+    ``name_or_path`` is a local folder, and ``lightning_module.safetensors`` for the merged keys outside it. The
+    :class:`~lightning_merge.io.record.MergeRecord` lists the files and the inputs' sizes and hashes.
+
     Under DDP the parameters are assigned to ranks by their estimated merge cost, each rank merges its share on its
     own device, and the results are exchanged through the strategy: every rank's module ends holding the same merged
-    weights. Task-specific parameters matched by ``exclude`` (classification heads) are not merged; the module keeps
-    its own, each task's are in :attr:`heads`; :attr:`plan`, :attr:`base_source` and :attr:`task_sources` say what
-    was merged from where (e.g. to compare methods with ``MergedEvalLoop.compare``); and rank zero writes
-    ``dirpath/merged`` (safetensors of the merged weights, excluded keys from the base, ``heads/<task>.safetensors``
-    and ``merge_record.json``, a :class:`~lightning_merge.io.record.MergeRecord` with the inputs' sizes and hashes).
+    weights. Task-specific parameters matched by ``exclude`` (classification heads, one shape per task if need be)
+    are not merged: the module keeps its own and each task's are in :attr:`heads` (keyed as in the LightningModule).
+    :attr:`plan`, :attr:`base_source`, :attr:`task_sources` and :meth:`task_matrices` say what was merged from where.
 
-    LoRA fits (workflow 1 with a ``peft.PeftModel`` inside the module): each task's adapter is recorded under
-    ``dirpath/task-XX-<task>`` (a peft adapter folder), the adapters are merged in low-rank form with
-    :func:`~lightning_merge.lora.merge_adapters` (average, task arithmetic, TSV-M or SFTM; TIES is refused when the
-    first fit starts) on every rank, rank zero writes ``dirpath/merged_adapter`` (loadable with
-    ``PeftModel.from_pretrained``, also in :attr:`merged_adapter`), and the module then computes ``W0 + lam * M``:
-    the merged update is added to its frozen base weights and its LoRA ``B`` factors are zeroed. Only the factors
-    are merged: other parameters of the module (outside the ``PeftModel``) are left as the last fit ended them.
+    LoRA fits (workflow 1 with a ``peft.PeftModel`` inside the module): each task's adapter is recorded instead of the
+    state dict, the adapters are merged in low-rank form with :func:`~lightning_merge.lora.merge_adapters` (TIES is
+    refused when the first fit starts) on every rank, :attr:`merged_adapter` holds the result, and the module then
+    computes ``W0 + lam * M`` (the update is added to the frozen base weights and the LoRA ``B`` factors are zeroed).
+    Trainable parameters outside the ``PeftModel`` must be matched by ``exclude`` to be kept per task.
 
     Args:
         method: a registry name (``"tsv_m"``, ``"sftm"``, ``"ties"``, ``"task_arithmetic"``, ``"average"``) or a
             method object. method_options: the method's options, e.g. ``{"rank": 0.125}``.
-        tasks: workflow 1, the task names in the order of the fits.
+        tasks: workflow 1, the declared task names. task: workflow 1, the task of the next fit (see above).
         base, finetuned: workflow 2, the pre-trained checkpoint and ``{task: checkpoint or ModelCheckpoint}``.
         exclude: glob patterns (or ``re:`` regexes) of task-specific keys, e.g. ``["head.*"]``.
         prefix: workflow 2, a key prefix to strip from the checkpoints (e.g. ``"model."``).
         dirpath: where task snapshots and the merged model go (default ``<default_root_dir>/merge``).
-        device: where each rank merges (default: the strategy's root device).
-        save_merged: write ``dirpath/merged`` on rank zero.
+        device: where each rank merges (default: the strategy's root device; CPU in :meth:`merge_collected`).
+        save_merged: write the merged folders on rank zero. max_shard_size: their shard size limit, in bytes.
+        overwrite: let a fit record a task that is already recorded again (replacing its files).
         progress: a progress bar on rank zero while merging.
 
     With ``strategy="ddp_spawn"`` the fits run in child processes: the launching process gets the merged weights
     back in its module (Lightning returns rank zero's), but this object's attributes (``heads``, ``plan``,
-    ``merge_seconds``) are filled in the children only; read ``dirpath/merged`` (``merge_record.json``,
-    ``heads/<task>.safetensors``) there, or use ``strategy="ddp"``.
+    ``merge_seconds``) are filled in the children only; read ``dirpath`` there, or use ``strategy="ddp"``.
 
     Example::
 
         merge = MergeCallback("tsv_m", tasks=["mnist", "svhn"], exclude=["head.*"])
         for task in merge.tasks:
+            merge.task = task
             Trainer(max_epochs=3, callbacks=[merge]).fit(make_module(task), datamodules[task])
         merge.heads["svhn"]  # the task's own head, for evaluation with the merged body
     """
@@ -99,6 +131,7 @@ class MergeCallback(Callback):
         method_options: Mapping[str, Any] | None = None,
         *,
         tasks: Sequence[str] | None = None,
+        task: str | None = None,
         base: PathLike | None = None,
         finetuned: Mapping[str, PathLike | ModelCheckpoint] | None = None,
         exclude: Sequence[str] = (),
@@ -106,16 +139,24 @@ class MergeCallback(Callback):
         dirpath: PathLike | None = None,
         device: str | torch.device | None = None,
         save_merged: bool = True,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
         progress: bool = True,
     ) -> None:
         self.method = get_method(method, **dict(method_options or {}))
-        self.tasks = _check_workflow(tasks, base, finetuned)
+        self.tasks = _checks.check_workflow(tasks, base, finetuned)
+        self.task = _checks.check_task(task, self.tasks)
         self.base, self.finetuned = base, dict(finetuned) if finetuned is not None else None
-        self.exclude = _check_patterns(exclude)
+        self.exclude = _checks.check_patterns(exclude)
         self.prefix, self.device, self.save_merged, self.progress = prefix, device, save_merged, progress
+        self.max_shard_size, self.overwrite = max_shard_size, overwrite
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self._run_id = uuid.uuid4().hex
         self._collected: list[str] = []
+        self._fit_task: str | None = None  # the task of the current (or last) fit
+        self._mode: str | None = None  # "full" or "lora", fixed by the first recorded task
+        self._head_keys: dict[str, list[str]] = {}
+        self._adopted = False  # this process took over another process's unfinished run
         self.heads: dict[str, dict[str, Tensor]] = {}
         self.plan: MergePlan | None = None
         self.base_source: CheckpointSource | None = None
@@ -130,8 +171,13 @@ class MergeCallback(Callback):
 
     @property
     def collected(self) -> list[str]:
-        """The tasks whose fine-tuned weights are recorded (workflow 1)."""
+        """The tasks whose fine-tuned weights are recorded (workflow 1), in declared order."""
         return list(self._collected)
+
+    @property
+    def missing(self) -> list[str]:
+        """The declared tasks not recorded yet (workflow 1)."""
+        return [t for t in self.tasks if t not in self._collected] if self.finetuned is None else []
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -144,32 +190,21 @@ class MergeCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.finetuned is not None or trainer.ckpt_path is not None:
-            return
-        if len(self._collected) == len(self.tasks):
-            raise ValueError(f"MergeCallback already merged its tasks {self.tasks}. HINT: use a new MergeCallback.")
-        if check_lora_fit(pl_module, self.method):  # LoRA: the frozen base stays in the module, no snapshot
-            return
-        if not self._collected:
-            self._snapshot(trainer, pl_module, "base")
-        else:
-            self._check_starts_from_base(pl_module)
+        if self.finetuned is None:
+            self._start_task(trainer, pl_module)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.finetuned is None:
-            index = len(self._collected)
-            self._snapshot(trainer, pl_module, _task_dirname(index, self.tasks[index]))
-            self._collected.append(self.tasks[index])
-            self._write_manifest(trainer)
-            rank_zero_info(f"MergeCallback: recorded task {self.tasks[index]!r} ({index + 1}/{len(self.tasks)}).")
-            if len(self._collected) < len(self.tasks):
+            self._record(trainer, pl_module)
+            if self.missing:
                 return
         self.merge(trainer, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"run_id": self._run_id, "tasks": list(self.tasks), "collected": list(self._collected)}
+        return {"run_id": self._run_id, "tasks": list(self.tasks), "collected": list(self._collected),
+                "task": self._fit_task, "mode": self._mode, "heads": dict(self._head_keys)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -178,166 +213,182 @@ class MergeCallback(Callback):
                 f"Expected the checkpoint's MergeCallback tasks to be {list(self.tasks)}, but got"
                 f" {state_dict.get('tasks')}. HINT: resume with the same `tasks`."
             )
-        self._run_id, self._collected = state_dict["run_id"], list(state_dict["collected"])
+        self._run_id, self._collected = state_dict["run_id"], _tasks.in_order(self.tasks, state_dict["collected"])
+        self._fit_task, self._mode = state_dict.get("task"), state_dict.get("mode")
+        self._head_keys = {t: list(k) for t, k in state_dict.get("heads", {}).items()}
 
     # ------------------------------------------------------------------------------------------------ the merge
     def merge(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Merge the recorded or given checkpoints into ``pl_module`` on every rank (called at fit end)."""
-        start = time.perf_counter()
-        if self.finetuned is None and find_peft_model(pl_module) is not None:
-            self._merge_lora(trainer, pl_module, start)
-            return
-        base, tasks = self._sources(trainer)
-        self.base_source, self.task_sources = base, tasks
-        self.plan = plan_merge(base, list(tasks.values()), exclude=self.exclude)
-        shards = shard_keys(self.plan, self.method, len(tasks), trainer.world_size)
-        device = torch.device(self.device) if self.device is not None else trainer.strategy.root_device
-        progress = self.progress and trainer.is_global_zero
         strategy = ranked(trainer.strategy)
-        mine = merge_shard(strategy, self.method, base, list(tasks.values()), shards, device=device, progress=progress)
+        self._merge_into(strategy, pl_module, self.progress and trainer.is_global_zero)
+        log_merge(self.method, self.merge_seconds, self._num_merged(), strategy.world_size, trainer.loggers,
+                  trainer.global_step)
+
+    def merge_collected(self, module: torch.nn.Module) -> None:
+        """Merge the tasks recorded so far in ``dirpath`` (workflow 1; workflow 2: the given ones) into ``module``.
+
+        For a run whose last fits have not happened (or another process's run: a new ``MergeCallback`` with the same
+        ``tasks`` and ``dirpath``). It runs in this process, outside a Trainer (world size 1, on ``device`` or CPU),
+        writes the merged folders like the merge at fit end (their record lists the tasks merged), and fills the same
+        attributes. ``module`` is the LightningModule (or any module with its keys), e.g. a fresh one built from the
+        pre-trained weights (full fine-tunes) or the last fit's module (LoRA: its ``PeftModel`` receives the update).
+
+        Raises:
+            ValueError: no ``dirpath`` is known, or no task is recorded there.
+        """
+        if self.finetuned is None:
+            if self.dirpath is None:
+                raise ValueError("Expected `dirpath` to be set to merge the recorded tasks, but got None.")
+            self._adopt_manifest(finished=True)
+            if not self._collected:
+                raise ValueError(f"Expected at least one task recorded in {str(self.dirpath)!r}, but none is.")
+        strategy = SingleDeviceStrategy(device=torch.device(self.device if self.device is not None else "cpu"))
+        self._merge_into(strategy, module, self.progress)
+        log_merge(self.method, self.merge_seconds, self._num_merged(), 1, [], 0)
+
+    def task_matrices(self, methods: Methods, *, progress: bool = True) -> dict[str, dict[str, Tensor]]:
+        """``{name: {key: M}}``: each method's merged task matrix ``M`` (scaling 1) of every key the callback merged,
+        from the same inputs (:func:`lightning_merge.engine.task_matrices`), e.g. for ``MergedEvalLoop.compare``.
+
+        Args:
+            methods: a registry name, a method object, a list of them, or a mapping ``{display name: method}``.
+            progress: a progress bar per method.
+
+        Raises:
+            ValueError: before a merge of full fine-tunes has run in this process, or for LoRA fits (not yet).
+        """
+        named = _checks.named_methods(methods)
+        _checks.check_full_merge(self._mode == "lora" or self.merged_adapter is not None, self.plan, self.base_source)
+        assert self.plan is not None and self.base_source is not None  # checked above
+        keys, tasks = list(self.plan.merge_keys), list(self.task_sources.values())
+        extra: dict[str, Any] = {"progress": progress} if _TAKES_PROGRESS else {}
+        return {name: dict(engine_task_matrices(method, self.base_source, tasks, keys, **extra))
+                for name, method in named.items()}
+
+    def _merge_into(self, strategy: RankedStrategy, module: torch.nn.Module, progress: bool) -> None:
+        start = time.perf_counter()
+        tasks = list(self.tasks) if self.finetuned is not None else list(self._collected)
+        if self.finetuned is None and find_peft_model(module) is not None:
+            folders = {t: self._task_dir(t) for t in tasks}
+            output = self._dir() / MERGED_ADAPTER if self.save_merged else None
+            self.merged_adapter, self.heads = merge_lora_tasks(strategy, module, self.method, folders, output)
+            self.merge_seconds = time.perf_counter() - start
+            return
+        base, sources = self._sources(strategy, tasks)
+        self.base_source, self.task_sources = base, sources
+        self.plan = plan_merge(base, list(sources.values()), exclude=self.exclude)
+        shards = shard_keys(self.plan, self.method, len(sources), strategy.world_size)
+        device = torch.device(self.device) if self.device is not None else strategy.root_device
+        mine = merge_shard(strategy, self.method, base, list(sources.values()), shards, device=device,
+                           progress=progress)
         merged = exchange(strategy, self.plan, base, mine)
-        _load_into(pl_module, merged)
-        self.heads = {t: {k: src.get_tensor(k) for k in self.plan.excluded_keys} for t, src in tasks.items()}
+        _checks.load_into(module, merged)
+        self.heads = {t: _tasks.source_heads(src, self.exclude) for t, src in sources.items()}
         self.merge_seconds = time.perf_counter() - start
         if self.save_merged:
-            run = MergedRun(self.method, self.plan, base, tasks, self.exclude, trainer.world_size, device,
+            run = MergedRun(self.method, self.plan, base, sources, self.exclude, strategy.world_size, device,
                             self.merge_seconds)
-            self._save_merged(trainer, run, merged)
-        self._log(trainer, len(tasks))
+            self._save_merged(strategy, module, run, merged)
 
-    def _merge_lora(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
-        assert self.dirpath is not None
-        folders = [self.dirpath / _task_dirname(i, t) for i, t in enumerate(self.tasks)]
-        output = self.dirpath / MERGED_ADAPTER if self.save_merged else None
-        self.merged_adapter = merge_lora_tasks(trainer, pl_module, self.method, folders, output)
-        self.merge_seconds = time.perf_counter() - start
-        self._log(trainer, len(self.tasks))
-
-    def _sources(self, trainer: pl.Trainer) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
+    def _sources(self, strategy: RankedStrategy, tasks: Sequence[str]
+                 ) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
         if self.finetuned is None:
-            assert self.dirpath is not None
-            base = open_source(self.dirpath / "base", label="base snapshot")
-            paths = {t: self.dirpath / _task_dirname(i, t) for i, t in enumerate(self.tasks)}
-            return base, {t: open_source(p, label=f"task {t!r}") for t, p in paths.items()}
-        given = trainer.strategy.broadcast({t: _checkpoint_path(t, c) for t, c in self.finetuned.items()})
+            base = open_source(self._dir() / "base", label="base snapshot")
+            return base, {t: open_source(self._task_dir(t), label=f"task {t!r}") for t in tasks}
+        given = strategy.broadcast({t: _checks.checkpoint_path(t, c) for t, c in self.finetuned.items()})
         base = open_source(self.base, prefix=self.prefix, label="base")  # type: ignore[arg-type]
         return base, {t: open_source(p, prefix=self.prefix, label=f"task {t!r}") for t, p in given.items()}
 
-    def _log(self, trainer: pl.Trainer, num_tasks: int) -> None:
-        rank_zero_info(
-            f"MergeCallback: merged {num_tasks} tasks with {self.method.name} {self.method.options()} in"
-            f" {self.merge_seconds:.2f} s on {trainer.world_size} rank(s)."
-        )
-        params = {f"merge/{k}": v for k, v in self.method.options().items()}
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"merge/method": self.method.name, **params})
-            logger.log_metrics({"merge/seconds": float(self.merge_seconds or 0.0), "merge/num_tasks": num_tasks},
-                               step=trainer.global_step)
+    # ------------------------------------------------------------------------------------------------ the tasks
+    def _start_task(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Before training: which task this fit is, checked; then the base snapshot, or the check against it."""
+        task, origin = _tasks.resolve_task(self.task, trainer, pl_module, self.tasks, self._collected)
+        resumed = trainer.ckpt_path is not None
+        if resumed and self._fit_task is not None and origin.startswith("the next"):
+            task, origin = self._fit_task, "the checkpoint being resumed"
+        task, origin = trainer.strategy.broadcast((task, origin))
+        self._fit_task = task = _tasks.check_fit_task(task, origin, self.tasks, self._collected, self.overwrite)
+        if self._adopted and origin.startswith("the next"):
+            rank_zero_warn(_tasks.implicit_resume_message(task, self._dir()))
+        self._adopted = False
+        self._check_task_module(task, pl_module)
+        if resumed or self._mode == "lora":
+            return
+        if not self._collected:
+            self._snapshot(trainer.strategy, pl_module, self._dir() / "base")
+        else:
+            _tasks.check_starts_from_base(self._dir() / "base", pl_module.state_dict(), self.exclude, task)
+
+    def _check_task_module(self, task: str, pl_module: pl.LightningModule) -> None:
+        mode = "lora" if check_lora_fit(pl_module, self.method) else "full"
+        if self._collected and self._mode not in (None, mode):
+            raise ValueError(
+                f"Expected task {task!r} to be a {self._mode} fine-tune like the recorded tasks {self._collected},"
+                f" but it is a {mode} one. HINT: fine-tune every task the same way (LoRA or full)."
+            )
+        self._mode = mode
+        _tasks.check_head_keys(task, _tasks.excluded(pl_module.state_dict(), self.exclude), self._head_keys)
+        if mode == "lora":
+            warn_unrecorded(pl_module, find_peft_model(pl_module), self.exclude)
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """At fit end: write this task's weights (or adapter and heads), then the manifest."""
+        task = self._fit_task
+        assert task is not None  # set by on_fit_start
+        heads = _tasks.head_state(pl_module.state_dict(), self.exclude)
+        _tasks.check_head_values(task, heads)
+        self._snapshot(trainer.strategy, pl_module, self._task_dir(task), heads)
+        self._collected = _tasks.in_order(self.tasks, [*self._collected, task])
+        self._head_keys[task] = sorted(heads)
+        self._write_manifest(trainer.strategy)
+        done = f"{len(self._collected)}/{len(self.tasks)}"
+        rank_zero_info(f"MergeCallback: recorded task {task!r} ({done}) in {self._dir()}.")
+        if self.missing:
+            rank_zero_info(_tasks.missing_message(self.missing))
 
     # ---------------------------------------------------------------------------------------------- files
-    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> None:
-        assert self.dirpath is not None
+    def _num_merged(self) -> int:
+        return len(self.tasks) if self.finetuned is not None else len(self._collected)
+
+    def _dir(self) -> Path:
+        assert self.dirpath is not None  # set in setup, or given
+        return self.dirpath
+
+    def _task_dir(self, task: str) -> Path:
+        return self._dir() / _task_dirname(self.tasks.index(task), task)
+
+    def _snapshot(self, strategy: pl.strategies.Strategy, pl_module: pl.LightningModule, folder: Path,
+                  heads: Mapping[str, Tensor] | None = None) -> None:
         peft_model = find_peft_model(pl_module)
-        if trainer.is_global_zero and peft_model is not None:
-            save_task_adapter(peft_model, self.dirpath / name)
-        elif trainer.is_global_zero:
+        if strategy.is_global_zero and peft_model is not None:
+            save_task_adapter(peft_model, folder, heads or {})
+        elif strategy.is_global_zero:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in pl_module.state_dict().items()}
-            save_snapshot(state, self.dirpath / name)
-        trainer.strategy.barrier("MergeCallback.snapshot")
+            save_snapshot(state, folder)
+        strategy.barrier("MergeCallback.snapshot")
 
-    def _save_merged(self, trainer: pl.Trainer, run: MergedRun, merged: Mapping[str, Tensor]) -> None:
-        assert self.dirpath is not None
-        if trainer.is_global_zero:
+    def _save_merged(self, strategy: RankedStrategy, module: torch.nn.Module, run: MergedRun,
+                     merged: Mapping[str, Tensor]) -> None:
+        if strategy.is_global_zero:
             state = {k: merged[k] if k in merged else run.base.get_tensor(k) for k in run.base.keys()}
-            save_merged(self.dirpath / "merged", state, self.heads, run)
-        trainer.strategy.barrier("MergeCallback.save_merged")
+            save_merged(self._dir() / "merged", state, self.heads, run, max_shard_size=self.max_shard_size,
+                        hf_model=find_pretrained_model(module))
+        strategy.barrier("MergeCallback.save_merged")
 
-    def _write_manifest(self, trainer: pl.Trainer) -> None:
-        assert self.dirpath is not None
-        if trainer.is_global_zero:
-            tmp = self.dirpath / f".{MANIFEST}.tmp"
-            tmp.write_text(json.dumps(self.state_dict()))
-            os.replace(tmp, self.dirpath / MANIFEST)
-        trainer.strategy.barrier("MergeCallback.manifest")
+    def _write_manifest(self, strategy: pl.strategies.Strategy) -> None:
+        if strategy.is_global_zero:
+            _tasks.write_manifest(self._dir(), self.state_dict())
+        strategy.barrier("MergeCallback.manifest")
 
-    def _adopt_manifest(self) -> None:
-        # With ddp_spawn the fits run in child processes, so this instance learns what they recorded from disk.
-        assert self.dirpath is not None
-        path = self.dirpath / MANIFEST
-        if path.is_file() and self.finetuned is None:
-            state = json.loads(path.read_text())
-            if state.get("run_id") == self._run_id:
-                self._collected = list(state["collected"])
-
-    def _check_starts_from_base(self, pl_module: pl.LightningModule) -> None:
-        assert self.dirpath is not None
-        base = open_source(self.dirpath / "base", label="base snapshot")
-        state = pl_module.state_dict()
-        plan = plan_merge(base, [open_source(dict(state), label="the module")], exclude=self.exclude, strict=False)
-        changed = [k for k in plan.merge_keys if not torch.equal(base.get_tensor(k), state[k].detach().cpu())]
-        if changed:
-            rank_zero_warn(
-                f"MergeCallback: task {self.tasks[len(self._collected)]!r} does not start from the pre-trained"
-                f" weights ({len(changed)} parameters differ, e.g. {changed[0]!r}). HINT: build each task's module"
-                " from the pre-trained weights, not from the previous task's fine-tune."
-            )
-
-
-def _check_workflow(tasks: Sequence[str] | None, base: PathLike | None,
-                    finetuned: Mapping[str, Any] | None) -> tuple[str, ...]:
-    if (tasks is None) == (finetuned is None):
-        raise ValueError(
-            "Expected exactly one of the arguments `tasks` (fine-tune the tasks with this callback, one fit each) and"
-            f" `finetuned` (checkpoints of tasks fine-tuned elsewhere), but got tasks={tasks!r} and"
-            f" finetuned={finetuned!r}."
-        )
-    if finetuned is not None:
-        if base is None or not isinstance(finetuned, Mapping) or not finetuned:
-            raise ValueError(
-                "Expected argument `finetuned` to be a non-empty mapping {task: checkpoint} together with `base`, but"
-                f" got finetuned={finetuned!r} and base={base!r}."
-            )
-        return tuple(finetuned)
-    names = list(tasks) if tasks is not None and not isinstance(tasks, str) else []
-    if not names or not all(isinstance(t, str) and t for t in names) or len(set(names)) != len(names):
-        raise ValueError(f"Expected argument `tasks` to be a sequence of distinct task names, but got {tasks!r}.")
-    return tuple(names)
-
-
-def _check_patterns(exclude: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
-        raise TypeError(f"Expected argument `exclude` to be a list of patterns, but got {exclude!r}.")
-    return tuple(exclude)
-
-
-def _check_strategy(strategy: pl.strategies.Strategy) -> None:
-    if isinstance(strategy, SHARDED_STRATEGIES):
-        raise ValueError(
-            f"MergeCallback does not support the sharded strategy {type(strategy).__name__}: each rank holds only"
-            " part of every parameter. HINT: merge with strategy='ddp' (or one device), or merge the saved"
-            " checkpoints with the `lightning-merge` command."
-        )
-
-
-def _checkpoint_path(task: str, checkpoint: PathLike | ModelCheckpoint) -> str:
-    if isinstance(checkpoint, ModelCheckpoint):
-        if not checkpoint.best_model_path:
-            raise ValueError(f"The ModelCheckpoint given for task {task!r} has no `best_model_path` yet.")
-        return checkpoint.best_model_path
-    return os.fspath(checkpoint)
-
-
-def _task_dirname(index: int, task: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
-    return f"task-{index:02d}-{safe}"
-
-
-def _load_into(pl_module: pl.LightningModule, merged: Mapping[str, Tensor]) -> None:
-    unknown = sorted(set(merged) - set(pl_module.state_dict()))
-    if unknown:
-        raise ValueError(
-            f"The merged checkpoints have keys the module does not, e.g. {unknown[:3]}. HINT: pass `prefix` to"
-            " strip a key prefix such as 'model.'."
-        )
-    pl_module.load_state_dict(dict(merged), strict=False)
-
+    def _adopt_manifest(self, finished: bool = False) -> None:
+        # ddp_spawn children, and later processes of the same run (one job per task), learn the run from disk
+        if self.finetuned is not None:
+            return
+        found = _tasks.read_manifest(self._dir())
+        state, message = _tasks.adopt_manifest(found, self._run_id, self.tasks, self._dir(), finished)
+        if message:
+            rank_zero_info(message)
+        if state is not None:
+            self._adopted = self._adopted or state["run_id"] != self._run_id
+            self.load_state_dict(state)

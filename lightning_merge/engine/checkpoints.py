@@ -4,7 +4,8 @@ This stage owns :func:`merge_checkpoints`: it opens the inputs (:func:`~lightnin
 output before any work (:func:`~lightning_merge.io.output.check_output`: a new folder path outside every input),
 plans (:mod:`~lightning_merge.engine.plan`), streams the merge (:mod:`~lightning_merge.engine.stream`) into the
 temporary folder of :func:`~lightning_merge.io.output.publish_folder` while a worker thread hashes the inputs
-(:mod:`~lightning_merge.io.hashing`), and writes the :class:`~lightning_merge.io.record.MergeRecord`. The folder is
+(:mod:`~lightning_merge.io.hashing`), copies a Hugging Face base folder's configuration and tokenizer files
+(:mod:`~lightning_merge.io.hf`), and writes the :class:`~lightning_merge.io.record.MergeRecord`. The folder is
 published only once complete: an error or an interruption leaves the previous output (or none), never a part.
 """
 
@@ -25,6 +26,7 @@ from lightning_merge.engine.plan import MergePlan, plan_merge
 from lightning_merge.engine.stream import resolve_device, resolve_dtype, stream_keys
 from lightning_merge.functional._checks import check_choice
 from lightning_merge.io.hashing import HASHES, ReadMarks, start_hashing
+from lightning_merge.io.hf import copy_model_files, model_folder
 from lightning_merge.io.output import check_output, publish_folder
 from lightning_merge.io.record import RECORD_FILE, MergeRecord, describe_input
 from lightning_merge.io.sources import CheckpointSource, open_source
@@ -79,7 +81,9 @@ def merge_checkpoints(
     at a time (see :func:`~lightning_merge.engine.merge_keys`) and streamed into a temporary folder beside
     ``output``, published as ``output`` at the end: an interrupted merge leaves nothing behind. Inputs are only
     read. Keys that are excluded, skipped or not floating-point are copied from the base, so the output has exactly
-    the base's keys and loads like it.
+    the base's keys and loads like it. When the base is a Hugging Face model folder (one with a ``config.json``),
+    its configuration and tokenizer files are copied too (:func:`~lightning_merge.io.hf.copy_model_files`), so
+    ``AutoModel.from_pretrained(output)`` and ``AutoTokenizer.from_pretrained(output)`` load the output.
 
     Args:
         method: a method object or a registry name (with default options).
@@ -103,7 +107,8 @@ def merge_checkpoints(
         FileExistsError: ``output`` exists and ``overwrite`` is False.
         FileNotFoundError: an input that does not exist.
         ValueError, TypeError: invalid arguments, an output that is or holds or lies in an input, or, with
-            ``strict=True``, keys that do not match.
+            ``strict=True``, keys that do not match; a base folder's model file that is refused (a link out of the
+            folder, not a regular file, or over 64 MiB: see :func:`~lightning_merge.io.hf.copy_model_files`).
     """
     start = time.perf_counter()
     method = get_method(method)
@@ -116,7 +121,8 @@ def merge_checkpoints(
     log.info("Merging %d keys of %d checkpoints with %s into %s", len(plan.merge_keys), len(ft_srcs), method.name,
              output)
     with publish_folder(output) as tmp:
-        record = _merge_into(tmp, job, input_hash, max_shard_size, progress, start)
+        copied = _copy_model_files(base_src, tmp)  # first: a refused file fails before any merge work
+        record = _merge_into(tmp, job, input_hash, max_shard_size, progress, start, copied)
     log.info("Merged %s in %.1f s", output, record.seconds)
     return record
 
@@ -146,9 +152,16 @@ def _as_list(finetuned: Sequence[SourceLike]) -> list[SourceLike]:
     return list(finetuned)
 
 
+def _copy_model_files(base: CheckpointSource, tmp: Path) -> list[str]:
+    """A Hugging Face base folder's configuration and tokenizer files, copied into ``tmp``; their names."""
+    folder = model_folder(base)
+    return copy_model_files(folder, tmp) if folder is not None else []
+
+
 def _merge_into(tmp: Path, job: _Job, input_hash: str | None, max_shard_size: int, progress: bool,
-                start: float) -> MergeRecord:
-    """Write the merged weights and the record into ``tmp``, hashing the inputs in a worker thread meanwhile."""
+                start: float, copied: list[str]) -> MergeRecord:
+    """Write the merged weights and the record into ``tmp`` (which holds the ``copied`` model files), hashing the
+    inputs in a worker thread meanwhile."""
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-hash")
     marks = ReadMarks()
     try:
@@ -159,7 +172,7 @@ def _merge_into(tmp: Path, job: _Job, input_hash: str | None, max_shard_size: in
         files = write_stream(tmp, _output_specs(job), merged, max_shard_size=max_shard_size)
         marks.close()
         hashes = hashing.result() if hashing is not None else {}
-        record = _record(job, hashes, [*files, RECORD_FILE], start)
+        record = _record(job, hashes, [*files, *copied, RECORD_FILE], start)
         record.save(tmp)
         return record
     except BaseException:

@@ -3,13 +3,14 @@
 This stage owns :func:`merge_keys` and :func:`stream_keys` (the per-key loop, with the next key's inputs prefetched in a
 worker thread while this key is merged), the combination of one key (``method(base, finetuned)`` in the wider of the
 input and output dtypes, checked finite when cast narrower), the resolution of the ``device`` and ``dtype``
-arguments (:data:`DTYPES`), and :func:`task_matrices` for a scaling search. At most the inputs of two keys are held
-at once, so memory is bounded by the largest parameter, not by the model size times ``T``.
+arguments (:data:`DTYPES`), :func:`task_matrices` for a scaling search, and their progress bar, which advances by
+each key's cost (:func:`key_cost`, the cost model that shards the keys) and names the current key. At most the
+inputs of two keys are held at once, so memory is bounded by the largest parameter, not by the model size times ``T``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -17,13 +18,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_merge.engine.plan import check_sources
-from lightning_merge.functional._checks import finite_as
+from lightning_merge.functional._checks import finite_as, numel
 from lightning_merge.io.hashing import ReadMarks
 from lightning_merge.io.sources import CheckpointSource
-from lightning_merge.io.writer import TensorSpec
 from lightning_merge.methods import MergeMethod
 
-__all__ = ["DTYPES", "merge_keys", "resolve_device", "resolve_dtype", "stream_keys", "task_matrices"]
+__all__ = ["DTYPES", "key_cost", "merge_keys", "resolve_device", "resolve_dtype", "stream_keys", "task_matrices"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -115,19 +115,55 @@ def _mark_read(marks: ReadMarks, sources: Sequence[CheckpointSource], key: str) 
             marks.advance(where[0], where[2])
 
 
-def _nbytes(source: CheckpointSource, key: str) -> int:
-    return TensorSpec(key, tuple(source.shape(key)), source.dtype(key)).nbytes
-
-
 def _check_method(method: MergeMethod) -> None:
     if not isinstance(method, MergeMethod):
         raise TypeError(f"Expected argument `method` to be a MergeMethod, but got {type(method).__name__}.")
 
 
-def _progress_bar(total: int, enabled: bool, desc: str) -> tqdm:
-    return tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled, leave=False
-    )
+def key_cost(method: MergeMethod, base: CheckpointSource, key: str, num_tasks: int, merged: bool) -> float:
+    """The work of one key on the progress bar: ``method.cost(shape, num_tasks)`` (the cost model that shards the
+    keys across ranks, :func:`~lightning_merge.engine.shard_keys`) for a merged floating-point key; for a key copied
+    from the base its number of elements, i.e. what averaging one task would cost (a copy touches each element once);
+    at least 1, so that every key moves the bar.
+
+    Example:
+        >>> from lightning_merge.io.sources import open_source
+        >>> from lightning_merge.methods import get_method
+        >>> base = open_source({"w": torch.zeros(4, 3), "step": torch.tensor(3)})
+        >>> key_cost(get_method("average"), base, "w", 2, True), key_cost(get_method("average"), base, "step", 2, True)
+        (24.0, 1.0)
+    """
+    shape = tuple(base.shape(key))
+    if merged and base.dtype(key).is_floating_point:
+        return max(1.0, float(method.cost(shape, num_tasks)))
+    return float(max(1, numel(shape)))
+
+
+class _Progress:
+    """A progress bar over the keys' costs (:func:`key_cost`) that shows the key being worked on."""
+
+    def __init__(self, costs: Mapping[str, float], enabled: bool, desc: str) -> None:
+        self.costs = costs
+        self.bar = tqdm(total=sum(costs.values()), desc=desc, unit="flop", unit_scale=True, disable=not enabled,
+                        leave=False, dynamic_ncols=True)
+
+    def start(self, key: str) -> None:
+        self.bar.set_postfix_str(key)
+
+    def done(self, key: str) -> None:
+        self.bar.update(self.costs[key])
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _progress(method: MergeMethod, base: CheckpointSource, num_tasks: int, keys: Sequence[str],
+              merged: Collection[str] | None, enabled: bool, desc: str) -> _Progress:
+    costs = {k: key_cost(method, base, k, num_tasks, merged is None or k in merged) for k in keys}
+    return _Progress(costs, enabled, desc)
 
 
 def merge_keys(
@@ -153,7 +189,8 @@ def merge_keys(
         base: the base source. finetuned: the ``T`` fine-tuned sources. keys: the keys to merge, in order.
         device: where the tensors are loaded and merged (default CPU).
         dtype: the dtype of the yielded tensors (default: the base's).
-        progress: show a progress bar over the bytes of the base tensors.
+        progress: show a progress bar over the work of the keys (:func:`key_cost`: the method's cost model,
+            so its ETA holds when one key, e.g. an embedding matrix, is most of the work) and the current key.
     """
     _check_method(method)
     check_sources(base, finetuned)
@@ -178,13 +215,14 @@ def stream_keys(
     def load(key: str) -> Loaded:
         return _load(base, finetuned, key, device, merged is None or key in merged)
 
-    with _progress_bar(sum(_nbytes(base, k) for k in keys), progress, f"merging ({method.name})") as bar:
+    with _progress(method, base, len(finetuned), keys, merged, progress, f"merging ({method.name})") as bar:
         for key, loaded in _prefetched(load, keys):
+            bar.start(key)
             tensor = _combine_key(method, key, loaded, dtype, finetuned)
             if marks is not None:
                 _mark_read(marks, [base, *finetuned] if loaded[1] else [base], key)
             del loaded
-            bar.update(_nbytes(base, key))
+            bar.done(key)
             yield key, tensor
             del tensor
 
@@ -196,16 +234,31 @@ def task_matrices(
     keys: Iterable[str],
     *,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> Iterator[tuple[str, Tensor]]:
     """Stream ``(key, M)``: the merged task matrix of each key with scaling 1, for ``W(lam) = W0 + lam * M``.
 
     Computed once per method, it lets a scaling search try every ``lam`` without merging again
     (see :func:`lightning_merge.evaluation.search_scaling`): :meth:`MergeMethod.merged_delta` with scaling 1, on
-    CPU, in float32 (float64 for float64 inputs).
+    CPU, in float32 (float64 for float64 inputs). The next key's inputs are read while this one is computed, as in
+    :func:`merge_keys`; ``progress`` shows the same progress bar (over :func:`key_cost`, with the current key).
     """
     _check_method(method)
     check_sources(base, finetuned)
-    unit, device = method.with_scaling(1.0), resolve_device(device)
-    for key in keys:
-        tuned = [ft.get_tensor(key, device) for ft in finetuned]
-        yield key, unit.merged_delta(base.get_tensor(key, device), tuned).cpu()
+    unit, device, keys = method.with_scaling(1.0), resolve_device(device), list(keys)
+
+    def load(key: str) -> Loaded:
+        return base.get_tensor(key, device), [ft.get_tensor(key, device) for ft in finetuned]
+
+    return _stream_task_matrices(unit, base, len(finetuned), keys, load, progress)
+
+
+def _stream_task_matrices(unit: MergeMethod, base: CheckpointSource, num_tasks: int, keys: Sequence[str],
+                          load: Callable[[str], Loaded], progress: bool) -> Iterator[tuple[str, Tensor]]:
+    with _progress(unit, base, num_tasks, keys, None, progress, f"task matrices ({unit.name})") as bar:
+        for key, (tensor, tuned) in _prefetched(load, keys):
+            bar.start(key)
+            matrix = unit.merged_delta(tensor, tuned).cpu()
+            del tensor, tuned
+            bar.done(key)
+            yield key, matrix

@@ -10,7 +10,9 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor, nn
 
+from lightning_merge.evaluation._callback import MergedCallback, Methods, SourceState, check_merged
 from lightning_merge.evaluation._data import Forward, check_batch, check_output, default_forward, shard
+from lightning_merge.evaluation.heads import HeadSwap, check_heads
 from lightning_merge.evaluation.metrics import (
     Accuracy,
     MetricFactory,
@@ -81,18 +83,18 @@ def load_state(model: nn.Module, state: State, what: str) -> None:
 
 
 @contextmanager
-def _scoring(model: nn.Module, keys: set[str]) -> Iterator[None]:
-    """Eval mode without gradients; restores the training flag and the values of ``keys`` (heads) on exit."""
-    state = model.state_dict(keep_vars=True)
-    saved = {key: state[key].detach().clone() for key in keys}
+def _scoring(model: nn.Module, keys: set[str]) -> Iterator[HeadSwap]:
+    """Eval mode without gradients, heads of ``keys`` swappable; restores the training flag and the model's own
+    tensors of ``keys`` (its head) on exit."""
+    swap = HeadSwap(model, keys)
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            yield
+            yield swap
     finally:
         model.train(training)
-        load_state(model, saved, "heads")
+        swap.restore()
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -105,8 +107,12 @@ class MergedEvalLoop:
     For task ``t`` the loop loads ``heads[t]`` into the model, runs
     ``forward(model, batch) -> (preds, target)`` over ``dataloaders[t]`` in eval mode without gradients,
     updates a fresh metric per batch and computes it once: ``scores[t][metric]``, with
-    ``mean[metric] = (1/T) sum_t scores[t][metric]``. The heads' previous values and the training flag are
-    restored afterwards. A plain class, not a Lightning loop (those are no extension point).
+    ``mean[metric] = (1/T) sum_t scores[t][metric]``. A head may have another shape than the model's (another
+    number of classes): it then replaces the model's tensor for that task (:class:`~lightning_merge.evaluation.heads
+    .HeadSwap`). Every task's head is checked before any work (:func:`~lightning_merge.evaluation.heads.check_heads`),
+    and the model's own head (objects and values) and training flag are restored afterwards. A plain class, not a
+    Lightning loop (those are no extension point). :meth:`from_callback` and :meth:`compare_callback` evaluate what a
+    :class:`~lightning_merge.MergeCallback` merged.
 
     Under a distributed ``trainer`` (``world_size > 1``) each rank scores its shard of every ``DataLoader``:
     the loader is rebuilt on a sampler that takes every ``world_size``-th sample and, unlike
@@ -118,7 +124,8 @@ class MergedEvalLoop:
     Args:
         dataloaders: ``{task: dataloader}``.
         heads: ``{task: {parameter name: tensor}}``, the task-specific parameters with their full
-            ``state_dict`` names (``"head.weight"``); ``None`` when the model has none.
+            ``state_dict`` names (``"head.weight"``), each the model's shape or another first dimension (classes);
+            ``None`` when the model has none.
         metrics: a factory of a torchmetrics ``Metric`` or ``MetricCollection`` (or ``{task: factory}``);
             picklable (a class or ``functools.partial``, not a lambda) for ``ddp_spawn``. Default: top-1
             :class:`Accuracy`.
@@ -170,6 +177,68 @@ class MergedEvalLoop:
                 )
         return name, getattr(collections[self.tasks[0]][name], "higher_is_better", True) is not False
 
+    @classmethod
+    def from_callback(
+        cls,
+        merge: MergedCallback,
+        dataloaders: Mapping[str, Iterable],
+        metrics: MetricFactory | Mapping[str, MetricFactory] = Accuracy,
+        forward: Forward = default_forward,
+        trainer: pl.Trainer | None = None,
+        metric: str | None = None,
+    ) -> MergedEvalLoop:
+        """The loop over the tasks a :class:`~lightning_merge.MergeCallback` merged, with their heads
+        (``merge.heads``, of any shape); then :meth:`compare_callback` scores the merges.
+
+        Raises:
+            ValueError: ``merge`` has not merged, or a task of ``dataloaders`` it did not merge.
+        """
+        check_merged(merge)
+        unknown = [task for task in _check_dataloaders(dataloaders) if task not in merge.task_sources]
+        if unknown:
+            raise ValueError(
+                f"Expected argument `dataloaders` to name tasks that `merge` merged {list(merge.task_sources)},"
+                f" but got {unknown[0]!r}."
+            )
+        heads = {task: dict(head) for task, head in merge.heads.items()}
+        return cls(dataloaders, heads if any(heads.values()) else None, metrics, forward, trainer, metric)
+
+    def compare_callback(
+        self,
+        model: nn.Module,
+        merge: MergedCallback,
+        methods: Methods = ("tsv_m",),
+        val_dataloaders: Mapping[str, Iterable] | None = None,
+        grid: Sequence[float] = DEFAULT_GRID,
+        progress: bool = True,
+        verbose: bool = True,
+    ) -> MergeReport:
+        """:meth:`compare` on what ``merge`` merged: the pre-trained model, each task's fine-tune and ``methods``.
+
+        Reads the base's values of the merged keys (``merge.plan.merge_keys`` of ``merge.base_source``), each task's
+        fine-tuned values lazily from ``merge.task_sources`` (one task at a time), and each method's merged task
+        matrix from ``merge.task_matrices(methods, progress=progress)``. The heads and the model's keys are checked
+        first, before those minutes of work.
+
+        Args:
+            model: the callback's module (or one with its keys); left at the best method's chosen ``lam``.
+            merge: a :class:`~lightning_merge.MergeCallback` that has merged.
+            methods: registry names or method objects (rows named by ``method.name``), or ``{row name: method}``.
+            val_dataloaders, grid, verbose: see :meth:`compare`. progress: show ``task_matrices``' progress bar.
+
+        Raises:
+            ValueError: ``merge`` has not merged, a head that does not fit the model (naming the task and the key),
+                or a merged key the model lacks or has in another shape.
+        """
+        plan, base_source = check_merged(merge)
+        check_heads(model, self.heads, self.tasks)
+        keys = list(plan.merge_keys)
+        base = {key: base_source.get_tensor(key) for key in keys}
+        scaling_targets(model, base, base, "merge.plan.merge_keys")
+        finetuned = {task: SourceState(source, keys) for task, source in merge.task_sources.items()}
+        merged = merge.task_matrices(methods, progress=progress)
+        return self.compare(model, base, merged, finetuned, val_dataloaders, grid, verbose)
+
     def with_dataloaders(self, dataloaders: Mapping[str, Iterable]) -> MergedEvalLoop:
         """The same loop (heads, metrics, forward, trainer) on other dataloaders, e.g. the validation ones."""
         loop = MergedEvalLoop(dataloaders, self.heads, self.metrics, self.forward, self.trainer, self.metric)
@@ -185,24 +254,14 @@ class MergedEvalLoop:
         return result
 
     def _scores(self, model: nn.Module, tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+        check_heads(model, self.heads, tasks)
         head_keys = set().union(*(self.heads[t] for t in tasks)) if self.heads else set()
-        self._check_heads(model, tasks)
-        with _scoring(model, head_keys):
-            return {task: self._score_task(model, task) for task in tasks}
+        with _scoring(model, head_keys) as swap:
+            return {task: self._score_task(model, task, swap) for task in tasks}
 
-    def _check_heads(self, model: nn.Module, tasks: Sequence[str]) -> None:
-        known = model.state_dict(keep_vars=True)
-        for task in tasks:
-            unknown = [key for key in (self.heads or {}).get(task, {}) if key not in known]
-            if unknown:
-                raise ValueError(
-                    f"Expected every key of `heads[{task!r}]` to name a parameter of the model, but got"
-                    f" {unknown[0]!r}."
-                )
-
-    def _score_task(self, model: nn.Module, task: str) -> dict[str, float]:
+    def _score_task(self, model: nn.Module, task: str, swap: HeadSwap) -> dict[str, float]:
         if self.heads is not None:
-            load_state(model, self.heads[task], f"heads[{task!r}]")
+            swap.load(self.heads[task])
         device = _device(model)
         collection = build_metrics(self.factories[task], task).to(device)
         num_batches = 0
@@ -273,6 +332,7 @@ class MergedEvalLoop:
             verbose: log the table with ``rank_zero_info``.
         """
         merged_matrices, grid = dict(merged_matrices or {}), check_grid(grid)
+        check_heads(model, self.heads, self.tasks)  # before any work: heads of any shape, checked up front
         for name, matrix in merged_matrices.items():
             scaling_targets(model, base, matrix, f"merged_matrices[{name!r}]")
         own = self._check_finetuned(base, finetuned)
@@ -298,7 +358,9 @@ class MergedEvalLoop:
             return {}
         scores = {}
         for task in self.tasks:
-            load_state(model, finetuned[task], f"finetuned[{task!r}]")
+            head = (self.heads or {}).get(task, {})  # scored with heads[task], which may have another shape
+            body = {k: v for k, v in finetuned[task].items() if k not in head}
+            load_state(model, body, f"finetuned[{task!r}]")
             scores.update(self._scores(model, [task]))
         result = EvalResult(scores)
         self._log(FINETUNED, result)

@@ -5,7 +5,6 @@ merged update added, published atomically with one merge record (every input has
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from tqdm.auto import tqdm
 
 from lightning_merge.functional._checks import check_choice
 from lightning_merge.io.hashing import HASHES, hash_file
+from lightning_merge.io.hf import copy_model_files, model_folder
 from lightning_merge.io.output import check_output, publish_folder
 from lightning_merge.io.record import RECORD_FILE, MergeRecord, describe_input
 from lightning_merge.io.sources import CheckpointSource, open_source
@@ -63,13 +63,11 @@ def _write_base_plus_update(folder: Path, base: CheckpointSource, updated: Mappi
     return write_stream(folder, specs, stream, max_shard_size=max_shard_size)
 
 
-def _copy_model_config(base: CheckpointSource, folder: Path) -> None:
-    """Copy a Hugging Face base folder's ``config.json`` and ``generation_config.json``, so that
-    ``from_pretrained`` loads the output."""
-    root = base.root()
-    for name in ("config.json", "generation_config.json"):
-        if root is not None and (Path(root) / name).is_file():
-            shutil.copyfile(Path(root) / name, folder / name)
+def _copy_model_config(base: CheckpointSource, folder: Path) -> list[str]:
+    """Copy a Hugging Face base folder's configuration and tokenizer files (:func:`copy_model_files`), so that
+    ``from_pretrained`` loads the output; returns their names."""
+    root = model_folder(base)
+    return copy_model_files(root, folder) if root is not None else []
 
 
 def merge_adapters_into_base(
@@ -90,7 +88,8 @@ def merge_adapters_into_base(
 
     The base is streamed key by key into ``output`` (safetensors, sharded above ``max_shard_size``): every adapted
     weight is ``W0 + scaling * M`` (:func:`merge_into_base`), every other key is copied. A Hugging Face base
-    folder's ``config.json`` and ``generation_config.json`` are copied too, so ``from_pretrained`` loads the output.
+    folder's configuration and tokenizer files are copied too (:func:`~lightning_merge.io.hf.copy_model_files`), so
+    ``from_pretrained`` loads the output.
     The folder is published atomically (:func:`~lightning_merge.io.output.publish_folder`) with a
     ``merge_record.json`` (:class:`~lightning_merge.io.record.MergeRecord`) whose inputs are the base and every
     adapter folder, with the sizes and hashes of their files.
@@ -130,11 +129,11 @@ def merge_adapters_into_base(
     updated = merge_into_base(adapter, {k: source.get_tensor(k) for k in names if k in keys})
     described = _describe_into_base_inputs(source, folders, adapter, input_hash)
     with publish_folder(output) as tmp:
+        copied = _copy_model_config(source, tmp)  # first: a refused file fails before the weights are written
         files = _write_base_plus_update(tmp, source, updated, out_dtype, max_shard_size, progress)
-        _copy_model_config(source, tmp)
         record = MergeRecord(
             method=method.name, options=method.options(), scaling=float(method.scaling), inputs=described,
-            outputs=[*files, RECORD_FILE], merged_keys=sorted(updated),
+            outputs=[*files, *copied, RECORD_FILE], merged_keys=sorted(updated),
             dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
             seconds=round(time.perf_counter() - start, 3),
         )
