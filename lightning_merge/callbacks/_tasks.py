@@ -19,8 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_merge.engine import plan_merge
-from lightning_merge.engine.plan import _compile_exclude
+from lightning_merge.engine import compile_exclude, plan_merge
 from lightning_merge.io import CheckpointSource, open_source
 
 TASK_ENV = "LIGHTNING_MERGE_TASK"
@@ -172,7 +171,7 @@ def adopt_manifest(state: Mapping[str, Any] | None, run_id: str, tasks: Sequence
 # ------------------------------------------------------------------------------------------------ heads
 def excluded(keys: Iterable[str], exclude: Sequence[str]) -> list[str]:
     """The ``keys`` matched by ``exclude`` (globs, or regexes after ``re:``, as in the merge plan), in order."""
-    matchers = _compile_exclude(exclude)
+    matchers = compile_exclude(exclude)
     return [k for k in keys if any(m(k) for m in matchers)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -40,9 +39,6 @@ from lightning_merge.lora import LoraAdapter
 from lightning_merge.methods import MergeMethod, get_method
 
 __all__ = ["MergeCallback"]
-
-_TAKES_PROGRESS = "progress" in inspect.signature(engine_task_matrices).parameters
-
 
 class MergeCallback(Callback):
     r"""Merge per-task fine-tunes of one pre-trained model when the last fit ends.
@@ -262,8 +258,7 @@ class MergeCallback(Callback):
         _checks.check_full_merge(self._mode == "lora" or self.merged_adapter is not None, self.plan, self.base_source)
         assert self.plan is not None and self.base_source is not None  # checked above
         keys, tasks = list(self.plan.merge_keys), list(self.task_sources.values())
-        extra: dict[str, Any] = {"progress": progress} if _TAKES_PROGRESS else {}
-        return {name: dict(engine_task_matrices(method, self.base_source, tasks, keys, **extra))
+        return {name: dict(engine_task_matrices(method, self.base_source, tasks, keys, progress=progress))
                 for name, method in named.items()}
 
     def _merge_into(self, strategy: RankedStrategy, module: torch.nn.Module, progress: bool) -> None:

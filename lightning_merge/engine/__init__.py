@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 from lightning_merge.engine.checkpoints import merge_checkpoints
-from lightning_merge.engine.plan import MergePlan, plan_merge
+from lightning_merge.engine.plan import MergePlan, compile_exclude, plan_merge
 from lightning_merge.engine.shard import shard_keys
 from lightning_merge.engine.stream import DTYPES, merge_keys, task_matrices
 from lightning_merge.io.record import RECORD_FILE, MergeRecord
@@ -35,6 +35,7 @@ __all__ = [
     "RECORD_FILE",
     "MergePlan",
     "MergeRecord",
+    "compile_exclude",
     "merge_checkpoints",
     "merge_keys",
     "plan_merge",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from lightning_merge.io.sources import CheckpointSource
 
-__all__ = ["MergePlan", "check_sources", "plan_merge"]
+__all__ = ["MergePlan", "check_sources", "compile_exclude", "plan_merge"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class MergePlan:
         return self.matrix_keys + self.other_keys
 
 
-def _compile_exclude(exclude: Sequence[str]) -> list[Callable[[str], bool]]:
+def compile_exclude(exclude: Sequence[str]) -> list[Callable[[str], bool]]:
     """Matchers for ``exclude``: globs (``fnmatch``, case-sensitive), or regexes (``re.fullmatch``) after ``re:``."""
     if isinstance(exclude, str) or not all(isinstance(p, str) for p in exclude):
         raise TypeError(f"Expected argument `exclude` to be a sequence of str patterns, but got {exclude!r}.")
@@ -164,7 +164,7 @@ def plan_merge(
         TypeError: a source that is not a :class:`CheckpointSource`, or ``exclude`` that is not a list of str.
     """
     check_sources(base, finetuned)
-    matchers = _compile_exclude(exclude)
+    matchers = compile_exclude(exclude)
     base_keys = base.keys()
     key_sets = [set(ft.keys()) for ft in finetuned]
     missing = [sum(k not in keys for k in base_keys) for keys in key_sets]
