@@ -79,3 +79,14 @@ def ties(deltas, density):
 def sti(u, s, v):
     n = len(s)
     return np.abs((u.T @ u - np.eye(n)) @ np.diag(s) @ (v.T @ v - np.eye(n))).sum()
+
+
+def tsv_c(d, k=None, energy=None):
+    """TSV-C of one matrix (METHODS.md): its rank-k truncation, k given or the smallest keeping ``energy``."""
+    u, s, vt = np.linalg.svd(d, full_matrices=False)
+    if energy is not None:
+        kept, total, k = 0.0, float(np.sum(d**2)), 0
+        while kept < energy * total and k < len(s):
+            kept += s[k] ** 2
+            k += 1
+    return (u[:, :k] * s[:k]) @ vt[:k], k

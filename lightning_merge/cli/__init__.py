@@ -7,9 +7,12 @@ Usage::
     lightning-merge merge --config merge.yaml --print-config > effective.yaml           # the effective configuration
     lightning-merge merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --output MERGED_ADAPTER
     lightning-merge merge --finetuned ADAPTER1 ADAPTER2 --method tsv_m --merge-into-base --base BASE --output MODEL
+    lightning-merge compress --base BASE --finetuned F1 F2 [--names a b] --rank 0.1 --format both --output OUT
 
-``merge`` is the only command so far, and the default one: ``lightning-merge --base B ...`` (no command name) is the
-same as ``lightning-merge merge --base B ...``. The parser is jsonargparse's (the one ``LightningCLI`` uses):
+``merge`` is the default command: ``lightning-merge --base B ...`` (no command name) is the same as
+``lightning-merge merge --base B ...``. ``lightning-merge compress --base B --finetuned A B --rank 0.1 --output OUT``
+compresses each fine-tune with TSV-C instead (:mod:`lightning_merge.cli.compress`), with the same conventions.
+The parser is jsonargparse's (the one ``LightningCLI`` uses):
 
 * ``--config merge.yaml`` holds the same arguments under the same names (``finetuned: [F1, F2]``, ``rank: 0.125``,
   ``max_shard_size: 2GB``, ``strict: false``; ``-`` or ``_`` in names), type-checked like the flags; flags after
@@ -41,6 +44,7 @@ from collections.abc import Sequence
 
 from jsonargparse import Namespace
 
+from lightning_merge.cli.compress import build_compress_parser, run_compress
 from lightning_merge.cli.parser import (
     PROG,
     UsageError,
@@ -55,7 +59,7 @@ from lightning_merge.engine import DTYPES, merge_checkpoints
 from lightning_merge.io.output import check_output
 from lightning_merge.lora import merge_adapters, merge_adapters_into_base
 
-__all__ = ["build_parser", "main", "parse_args", "parse_size", "run"]
+__all__ = ["build_compress_parser", "build_parser", "main", "parse_args", "parse_size", "run", "run_compress"]
 
 # ------------------------------------------------------------------------------------------------ run
 
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(err))
     logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO, format=f"{PROG}: %(message)s")
     try:
-        summary = run(cfg)
+        summary = run_compress(cfg) if cfg.get("command") == "compress" else run(cfg)
     except (ValueError, TypeError, KeyError, OSError) as err:
         return _error(_one_line(err))
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from lightning_merge.lora import CONFIG_NAME, merge_adapters
 from lightning_merge.methods import METHODS, get_method
 
 PROG = "lightning-merge"
-COMMANDS = ("merge",)
+COMMANDS = ("merge", "compress")
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _YAML_MODE = "lightning_merge_yaml"
 _EXPECTED: dict[str, str] = {}  # key -> what its value must be, for one-line error messages
@@ -297,16 +297,23 @@ def _usage_message(text: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Namespace:
-    """Parse a command line (without the program name): an optional command name, then its options.
+    """Parse a command line (without the program name): an optional command name (``merge``, the default, or
+    ``compress``, whose namespace has ``command="compress"``), then its options.
 
     Raises:
         UsageError: the arguments do not parse, with a one-line message naming the key.
         SystemExit: ``--help`` or ``--print-config`` (code 0).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in COMMANDS:
-        argv = argv[1:]  # the flat form is the same command: `merge` is the only one so far
+    command = argv[0] if argv and argv[0] in COMMANDS else "merge"  # no command name: `merge`
+    argv = argv[1:] if argv and argv[0] in COMMANDS else argv
     try:
+        if command == "compress":
+            from lightning_merge.cli.compress import build_compress_parser  # it imports this module
+
+            cfg = build_compress_parser().parse_args(argv)
+            cfg.command = "compress"
+            return cfg
         return build_parser().parse_args(argv)
     except ArgumentError as err:
         raise UsageError(_usage_message(str(err))) from None

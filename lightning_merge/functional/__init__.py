@@ -1,5 +1,6 @@
 """Pure-torch merge math. Never imports Lightning: every function takes one parameter's tensors and returns one."""
 
+from lightning_merge.functional.compress import Truncation, check_energy, compressed_numel, energy_rank, tsv_c
 from lightning_merge.functional.lora import (
     LowRankUpdate,
     lora_balance,
@@ -34,8 +35,12 @@ from lightning_merge.functional.svd import (
 
 __all__ = [
     "LowRankUpdate",
+    "Truncation",
     "average",
+    "check_energy",
+    "compressed_numel",
     "converged",
+    "energy_rank",
     "gram_roots",
     "lora_balance",
     "lora_compact",
@@ -55,6 +60,7 @@ __all__ = [
     "ties",
     "trim_magnitude",
     "truncated_svd",
+    "tsv_c",
     "tsv_m",
     "tsv_m_factors",
     "use_randomized",
