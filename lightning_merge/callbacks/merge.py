@@ -16,20 +16,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_merge.callbacks import _checks, _tasks
+from lightning_merge.callbacks import _checks, _compress, _lora, _tasks
 from lightning_merge.callbacks._checks import Methods, PathLike
 from lightning_merge.callbacks._checks import check_strategy as _check_strategy
 from lightning_merge.callbacks._distributed import RankedStrategy, exchange, merge_shard, ranked
 from lightning_merge.callbacks._files import MergedRun, log_merge, save_merged, save_snapshot
 from lightning_merge.callbacks._hf import find_pretrained_model
-from lightning_merge.callbacks._lora import (
-    MERGED_ADAPTER,
-    check_lora_fit,
-    find_peft_model,
-    merge_lora_tasks,
-    save_task_adapter,
-    warn_unrecorded,
-)
+from lightning_merge.callbacks._lora import MERGED_ADAPTER, check_lora_fit, find_peft_model, merge_lora_tasks
 from lightning_merge.callbacks._tasks import task_dirname as _task_dirname
 from lightning_merge.engine import MergePlan, plan_merge, shard_keys
 from lightning_merge.engine import task_matrices as engine_task_matrices
@@ -75,6 +68,7 @@ class MergeCallback(Callback):
         merged/                full: the merged weights, heads/<task>.safetensors, merge_record.json
         merged_adapter/        LoRA: the merged peft adapter (PeftModel.from_pretrained(base_model, ...))
         merged_heads/          LoRA: <task>.safetensors, each task's task-specific tensors
+        compressed/            full, with ``compress``: <task>/ (TSV-C: peft adapter + tsv_c.safetensors), record
 
     ``merged/`` holds ``model.safetensors`` (sharded above ``max_shard_size``) with the LightningModule's keys, the
     excluded ones from the base; when the module holds exactly one outermost ``transformers.PreTrainedModel`` (e.g.
@@ -107,6 +101,9 @@ class MergeCallback(Callback):
         save_merged: write the merged folders on rank zero. max_shard_size: their shard size limit, in bytes.
         overwrite: let a fit record a task that is already recorded again (replacing its files).
         progress: a progress bar on rank zero while merging.
+        compress: full fine-tunes, TSV-C (a :class:`~lightning_merge.compress.TSVC` or its options, e.g. ``{"rank":
+            0.1}``): at the merge rank zero also writes every task's compressed update into ``dirpath/compressed``
+            (:mod:`~lightning_merge.callbacks._compress`); :attr:`compressed` maps each task to its folder.
 
     With ``strategy="ddp_spawn"`` the fits run in child processes: the launching process gets the merged weights
     back in its module (Lightning returns rank zero's), but this object's attributes (``heads``, ``plan``,
@@ -138,6 +135,7 @@ class MergeCallback(Callback):
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         overwrite: bool = False,
         progress: bool = True,
+        compress: _compress.Compress = None,
     ) -> None:
         self.method = get_method(method, **dict(method_options or {}))
         self.tasks = _checks.check_workflow(tasks, base, finetuned)
@@ -147,6 +145,8 @@ class MergeCallback(Callback):
         self.prefix, self.device, self.save_merged, self.progress = prefix, device, save_merged, progress
         self.max_shard_size, self.overwrite = max_shard_size, overwrite
         self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.compress = _compress.check_compress(compress, self.tasks)
+        self.compressed: dict[str, Path] = {}
         self._run_id = uuid.uuid4().hex
         self._collected: list[str] = []
         self._fit_task: str | None = None  # the task of the current (or last) fit
@@ -265,6 +265,7 @@ class MergeCallback(Callback):
         start = time.perf_counter()
         tasks = list(self.tasks) if self.finetuned is not None else list(self._collected)
         if self.finetuned is None and find_peft_model(module) is not None:
+            _compress.check_mode(self.compress, "lora")
             folders = {t: self._task_dir(t) for t in tasks}
             output = self._dir() / MERGED_ADAPTER if self.save_merged else None
             self.merged_adapter, self.heads = merge_lora_tasks(strategy, module, self.method, folders, output)
@@ -285,6 +286,9 @@ class MergeCallback(Callback):
             run = MergedRun(self.method, self.plan, base, sources, self.exclude, strategy.world_size, device,
                             self.merge_seconds)
             self._save_merged(strategy, module, run, merged)
+        if self.compress is not None:
+            self.compressed = _compress.save_compressed(strategy, self.compress, self._dir() / _compress.COMPRESSED,
+                                                        base, sources, self.exclude, module, device, progress)
 
     def _sources(self, strategy: RankedStrategy, tasks: Sequence[str]
                  ) -> tuple[CheckpointSource, dict[str, CheckpointSource]]:
@@ -322,10 +326,11 @@ class MergeCallback(Callback):
                 f"Expected task {task!r} to be a {self._mode} fine-tune like the recorded tasks {self._collected},"
                 f" but it is a {mode} one. HINT: fine-tune every task the same way (LoRA or full)."
             )
+        _compress.check_mode(self.compress, mode)
         self._mode = mode
         _tasks.check_head_keys(task, _tasks.excluded(pl_module.state_dict(), self.exclude), self._head_keys)
         if mode == "lora":
-            warn_unrecorded(pl_module, find_peft_model(pl_module), self.exclude)
+            _lora.warn_unrecorded(pl_module, find_peft_model(pl_module), self.exclude)
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At fit end: write this task's weights (or adapter and heads), then the manifest."""
@@ -357,7 +362,7 @@ class MergeCallback(Callback):
                   heads: Mapping[str, Tensor] | None = None) -> None:
         peft_model = find_peft_model(pl_module)
         if strategy.is_global_zero and peft_model is not None:
-            save_task_adapter(peft_model, folder, heads or {})
+            _lora.save_task_adapter(peft_model, folder, heads or {})
         elif strategy.is_global_zero:
             state = {k: v.detach().cpu().contiguous().clone() for k, v in pl_module.state_dict().items()}
             save_snapshot(state, folder)

@@ -68,6 +68,7 @@ class _Job:
     finetuned: list[CheckpointSource]
     plan: MergePlan
     kinds: dict[str, Kind]
+    adapter_prefix: str
     device: torch.device
     exclude: list[str]
     strict: bool
@@ -95,6 +96,7 @@ def compress_checkpoints(
     progress: bool = True,
     device: torch.device | str | None = None,
     model: torch.nn.Module | None = None,
+    adapter_prefix: str | None = None,
 ) -> CompressRecord:
     """Compress each fine-tuned checkpoint's task vector with TSV-C (Gargiulo et al., CVPR 2025) into
     ``output/<task>/``, plus ``output/merge_record.json``.
@@ -119,6 +121,10 @@ def compress_checkpoints(
         input_hash: ``"xxh3_128"``, ``"sha256"`` or ``None``, as in the merge. progress: a progress bar.
         device: where the SVDs run (default CPU). model: the base model (it may be on the meta device) to tell
             linear, embedding and ``Conv1D`` modules apart (:func:`~lightning_merge.compress.layout.module_kind`).
+        adapter_prefix: the key prefix of the adapted model (e.g. ``"encoder."`` for a Hugging Face model held as
+            ``self.encoder`` in a LightningModule): only keys under it go into the adapter, named without it, so
+            ``PeftModel.from_pretrained(module.encoder, folder)`` loads it; ``model`` is then that model. The compact
+            form and :func:`~lightning_merge.compress.load_compressed` keep the full keys.
 
     Returns:
         The :class:`CompressRecord`, also saved as ``output/merge_record.json``.
@@ -138,9 +144,12 @@ def compress_checkpoints(
                for name, f in zip(names, items, strict=True)]
     output = check_output(output, overwrite=overwrite, inputs=input_paths([base_src, *ft_srcs]))
     plan = plan_merge(base_src, ft_srcs, exclude=exclude, strict=strict)
-    kinds = {k: kind for k in plan.matrix_keys if (kind := module_kind(k, model)) is not None}
+    inside = _check_adapter_prefix(adapter_prefix, plan)
+    kinds = {k: kind for k in plan.matrix_keys
+             if k.startswith(inside) and (kind := module_kind(k[len(inside):], model)) is not None}
     _check_key_names(plan)
-    job = _Job(method, names, base_src, ft_srcs, plan, kinds, resolve_device(device), list(exclude), bool(strict))
+    job = _Job(method, names, base_src, ft_srcs, plan, kinds, inside, resolve_device(device), list(exclude),
+               bool(strict))
     log.info("Compressing %d keys of %d checkpoints with TSV-C into %s", len(plan.merge_keys), len(names), output)
     with publish_folder(output) as tmp:
         record = _compress_into(tmp, job, input_hash, progress, format, start)
@@ -158,6 +167,17 @@ def _checked(finetuned: object) -> Sequence[object] | Mapping[str, object]:
             f" checkpoints, but got {finetuned!r}. HINT: wrap a single checkpoint in a list."
         )
     return finetuned
+
+
+def _check_adapter_prefix(adapter_prefix: object, plan: MergePlan) -> str:
+    if adapter_prefix is None or adapter_prefix == "":
+        return ""
+    if not isinstance(adapter_prefix, str) or not any(k.startswith(adapter_prefix) for k in plan.merge_keys):
+        raise ValueError(
+            "Expected argument `adapter_prefix` to be None or a prefix of compressed keys, but got"
+            f" {adapter_prefix!r}. HINT: the keys begin like {list(plan.merge_keys[:2])}."
+        )
+    return adapter_prefix
 
 
 def _check_key_names(plan: MergePlan) -> None:
@@ -183,7 +203,7 @@ def _compress_into(tmp: Path, job: _Job, input_hash: str | None, progress: bool,
         outputs = []
         for name, task in zip(job.names, tasks, strict=True):
             (tmp / name).mkdir()
-            files = write_task(tmp / name, task, job.kinds, dtypes, format, job.base.name)
+            files = write_task(tmp / name, task, job.kinds, dtypes, format, job.base.name, job.adapter_prefix)
             outputs += [f"{name}/{file}" for file in files]
         hashes = hashing.result() if hashing is not None else {}
         record = _record(job, tasks, hashes, [*outputs, RECORD_FILE], start)

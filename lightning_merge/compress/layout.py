@@ -15,8 +15,13 @@ A task folder holds, by ``format``:
 The compact form ``tsv_c.safetensors``: a compressed matrix ``key`` is stored as ``key.U`` ``(m, k)``, ``key.s``
 ``(k,)``, ``key.V`` ``(n, k)`` (``D ~ U diag(s) V^T``; ``k = 0`` for a zero update); another parameter's delta
 ``D_t = W_t - W0`` as ``key``, whole; in the base's dtype. Its metadata ``tsv_c`` (JSON) says whether it holds every
-key (``"contents": "all"``) or the rest (``"rest"``), lists the factored keys, and gives the layout of the adapter's
-modules (``"linear"``, ``"embedding"``, ``"conv1d"``). :func:`load_compressed` reads either.
+key (``"contents": "all"``) or the rest (``"rest"``), lists the factored keys, gives the layout of the adapter's
+modules (``"linear"``, ``"embedding"``, ``"conv1d"``) and their ``module_prefix``. :func:`load_compressed` reads either.
+
+**Module prefix.** Keys may name the adapted model's weights under a prefix, e.g. ``encoder.`` for a Hugging Face
+model held as ``self.encoder`` in a LightningModule: with ``module_prefix="encoder."`` only the keys under it go into
+the adapter, its module names without the prefix (the Hugging Face model's own, so ``PeftModel.from_pretrained(
+module.encoder, folder)`` loads it), while ``tsv_c.safetensors`` and :func:`load_compressed` keep the full keys.
 """
 
 from __future__ import annotations
@@ -95,9 +100,9 @@ def _lora_module(t: Truncation, kind: Kind, dtype: torch.dtype) -> LoraModule:
 
 
 def _adapter(task: CompressedTask, kinds: Mapping[str, Kind], dtypes: Mapping[str, torch.dtype],
-             base_name: str | None) -> LoraAdapter | None:
-    modules = {key.removesuffix(".weight"): _lora_module(task.factors[key], kind, dtypes[key])
-               for key, kind in kinds.items() if task.factors[key].rank > 0}
+             base_name: str | None, module_prefix: str) -> LoraAdapter | None:
+    modules = {key.removesuffix(".weight")[len(module_prefix):]: _lora_module(task.factors[key], kind, dtypes[key])
+               for key, kind in kinds.items() if key.startswith(module_prefix) and task.factors[key].rank > 0}
     if not modules:
         return None
     config: dict[str, Any] = {
@@ -121,18 +126,20 @@ def _compact(task: CompressedTask, keys: list[str], dtypes: Mapping[str, torch.d
 
 
 def write_task(folder: Path, task: CompressedTask, kinds: Mapping[str, Kind], dtypes: Mapping[str, torch.dtype],
-               format: Format, base_name: str | None = None) -> list[str]:
+               format: Format, base_name: str | None = None, module_prefix: str = "") -> list[str]:
     """Write one compressed task into the existing ``folder`` (see the module docstring); returns the file names.
 
     ``kinds``: the LoRA-able keys of ``task.factors`` and their layouts (:func:`module_kind`); ``dtypes``: the
     stored dtype of every key. A zero update (``k = 0``) is not an adapter module: it stays in the compact form.
+    ``module_prefix``: only keys under it go into the adapter, named without it (see the module docstring).
     """
-    adapter = _adapter(task, kinds, dtypes, base_name) if format != "safetensors" else None
-    in_adapter = {f"{name}.weight" for name in adapter.modules} if adapter is not None else set()
+    adapter = _adapter(task, kinds, dtypes, base_name, module_prefix) if format != "safetensors" else None
+    in_adapter = {f"{module_prefix}{name}.weight" for name in adapter.modules} if adapter is not None else set()
     everything = adapter is None or format == "both"
     keys = [k for k in [*task.factors, *task.dense] if everything or k not in in_adapter]
     meta = {"contents": "all" if everything else "rest", "factored": [k for k in keys if k in task.factors],
-            "modules": {key.removesuffix(".weight"): kinds[key] for key in sorted(in_adapter)}}
+            "modules": {key.removesuffix(".weight")[len(module_prefix):]: kinds[key] for key in sorted(in_adapter)},
+            "module_prefix": module_prefix}
     save_file(_compact(task, keys, dtypes), str(folder / COMPACT_FILE), metadata={"format": "pt",
                                                                                   "tsv_c": json.dumps(meta)})
     if adapter is None:
@@ -160,12 +167,12 @@ def _read_compact(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return meta, deltas
 
 
-def _adapter_deltas(folder: Path, modules: Mapping[str, str]) -> dict[str, Tensor]:
+def _adapter_deltas(folder: Path, modules: Mapping[str, str], module_prefix: str) -> dict[str, Tensor]:
     adapter = load_adapter(folder)
     out = {}
     for name, module in adapter.modules.items():
         transposed = modules.get(name, "linear") != "linear"
-        out[f"{name}.weight"] = dataclasses.replace(module, transposed=transposed).delta()
+        out[f"{module_prefix}{name}.weight"] = dataclasses.replace(module, transposed=transposed).delta()
     return out
 
 
@@ -192,7 +199,7 @@ def load_compressed(
     folder = Path(folder)
     meta, deltas = _read_compact(folder / COMPACT_FILE)
     if meta.get("contents") == "rest":
-        deltas.update(_adapter_deltas(folder, meta.get("modules", {})))
+        deltas.update(_adapter_deltas(folder, meta.get("modules", {}), str(meta.get("module_prefix", ""))))
     if base is None:
         return deltas
     source = open_source(base, prefix=prefix, label="base")

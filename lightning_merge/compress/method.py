@@ -57,6 +57,28 @@ class TSVC:
         if self.energy is not None:
             object.__setattr__(self, "energy", float(self.energy))
 
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], argument: str = "options") -> TSVC:
+        """``TSVC(**options)``, with an unknown option a ``ValueError`` naming ``argument`` (a config mapping).
+
+        Example:
+            >>> TSVC.from_options({"rank": 0.1})
+            TSVC(rank=0.1, energy=None, solver='auto')
+            >>> TSVC.from_options({"rnak": 2}, "compress")
+            Traceback (most recent call last):
+            ...
+            ValueError: Expected argument `compress` to hold TSV-C options among ['rank', 'energy', 'solver'], ...
+        """
+        if not isinstance(options, Mapping):
+            raise TypeError(f"Expected argument `{argument}` to be a mapping of TSV-C options, but got {options!r}.")
+        known = [field.name for field in dataclasses.fields(cls)]
+        unknown = [str(key) for key in options if key not in known]
+        if unknown:
+            raise ValueError(
+                f"Expected argument `{argument}` to hold TSV-C options among {known}, but got {unknown[0]!r}."
+            )
+        return cls(**options)
+
     def options(self) -> dict[str, Any]:
         """The constructor arguments, as primitives (for the record and ``TSVC(**options)``)."""
         return dataclasses.asdict(self)

@@ -10,8 +10,17 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import Tensor, nn
 
+from lightning_merge.compress import TSVC
 from lightning_merge.evaluation._callback import MergedCallback, Methods, SourceState, check_merged
 from lightning_merge.evaluation._data import Forward, check_batch, check_output, default_forward, shard
+from lightning_merge.evaluation._routed import (
+    CompressedTasks,
+    check_compressed,
+    check_routed,
+    method_names,
+    routed_state,
+)
+from lightning_merge.evaluation._states import State, check_dataloaders, check_states, load_state
 from lightning_merge.evaluation.heads import HeadSwap, check_heads
 from lightning_merge.evaluation.metrics import (
     Accuracy,
@@ -31,56 +40,6 @@ from lightning_merge.evaluation.search import (
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
-
-State = Mapping[str, Tensor]
-
-
-def _check_dataloaders(dataloaders: Mapping[str, Iterable], name: str = "dataloaders") -> dict[str, Iterable]:
-    named = isinstance(dataloaders, Mapping) and all(isinstance(t, str) for t in dataloaders)
-    if not (named and dataloaders):
-        raise TypeError(
-            f"Expected argument `{name}` to be a non-empty {{task: dataloader}} mapping, but got"
-            f" {dataloaders!r}."
-        )
-    return dict(dataloaders)
-
-
-def _check_states(states: Mapping[str, State] | None, tasks: list[str], name: str) -> dict[str, State] | None:
-    if states is None:
-        return None
-    for task in tasks:
-        if task not in states:
-            raise ValueError(
-                f"Expected argument `{name}` to hold an entry for every task, but task {task!r} has none."
-            )
-        if not isinstance(states[task], Mapping):
-            raise TypeError(
-                f"Expected `{name}[{task!r}]` to be a state dict, but got {type(states[task]).__name__}."
-            )
-    return {task: states[task] for task in tasks}
-
-
-def load_state(model: nn.Module, state: State, what: str) -> None:
-    """Copy ``state`` into the model's parameters and buffers in place (``what`` names the state in errors).
-
-    Raises:
-        ValueError: a key the model does not have, or a tensor of another shape.
-    """
-    known = model.state_dict(keep_vars=True)
-    for key, value in state.items():
-        if key not in known:
-            raise ValueError(
-                f"Expected every key of `{what}` to name a parameter of the model, but got {key!r}."
-            )
-        if tuple(value.shape) != tuple(known[key].shape):
-            raise ValueError(
-                f"Expected `{what}[{key!r}]` to have the model's shape {tuple(known[key].shape)}, but got"
-                f" {tuple(value.shape)}."
-            )
-    with torch.no_grad():
-        for key, value in state.items():
-            known[key].copy_(value)
-
 
 @contextmanager
 def _scoring(model: nn.Module, keys: set[str]) -> Iterator[HeadSwap]:
@@ -155,9 +114,9 @@ class MergedEvalLoop:
         trainer: pl.Trainer | None = None,
         metric: str | None = None,
     ) -> None:
-        self.dataloaders = _check_dataloaders(dataloaders)
+        self.dataloaders = check_dataloaders(dataloaders)
         self.tasks = list(self.dataloaders)
-        self.heads = _check_states(heads, self.tasks, "heads")
+        self.heads = check_states(heads, self.tasks, "heads")
         self.metrics = metrics
         self.factories = task_factories(metrics, self.tasks)
         if not callable(forward):
@@ -194,7 +153,7 @@ class MergedEvalLoop:
             ValueError: ``merge`` has not merged, or a task of ``dataloaders`` it did not merge.
         """
         check_merged(merge)
-        unknown = [task for task in _check_dataloaders(dataloaders) if task not in merge.task_sources]
+        unknown = [task for task in check_dataloaders(dataloaders) if task not in merge.task_sources]
         if unknown:
             raise ValueError(
                 f"Expected argument `dataloaders` to name tasks that `merge` merged {list(merge.task_sources)},"
@@ -212,32 +171,39 @@ class MergedEvalLoop:
         grid: Sequence[float] = DEFAULT_GRID,
         progress: bool = True,
         verbose: bool = True,
+        compressed: TSVC | Mapping[str, TSVC | Mapping[str, Any]] | None = None,
     ) -> MergeReport:
         """:meth:`compare` on what ``merge`` merged: the pre-trained model, each task's fine-tune and ``methods``.
 
         Reads the base's values of the merged keys (``merge.plan.merge_keys`` of ``merge.base_source``), each task's
         fine-tuned values lazily from ``merge.task_sources`` (one task at a time), and each method's merged task
-        matrix from ``merge.task_matrices(methods, progress=progress)``. The heads and the model's keys are checked
-        first, before those minutes of work.
+        matrix from ``merge.task_matrices(methods, progress=progress)``. The heads, the model's keys and
+        ``compressed`` are checked first, before those minutes of work.
 
         Args:
             model: the callback's module (or one with its keys); left at the best method's chosen ``lam``.
             merge: a :class:`~lightning_merge.MergeCallback` that has merged.
             methods: registry names or method objects (rows named by ``method.name``), or ``{row name: method}``.
             val_dataloaders, grid, verbose: see :meth:`compare`. progress: show ``task_matrices``' progress bar.
+            compressed: task-routed TSV-C rows (:mod:`~lightning_merge.evaluation._routed`), ``{row name: TSVC or
+                its options}`` (a ``TSVC`` alone: row ``"tsv_c"``): task ``t`` scored with ``W0 + trunc_k(D_t)``,
+                computed in memory from the same inputs (``merge.compress`` gives the options the callback wrote).
 
         Raises:
             ValueError: ``merge`` has not merged, a head that does not fit the model (naming the task and the key),
-                or a merged key the model lacks or has in another shape.
+                a merged key the model lacks or has in another shape, or a bad ``compressed`` option or row name.
         """
         plan, base_source = check_merged(merge)
+        tsvc = check_compressed(compressed, [PRETRAINED, FINETUNED, *method_names(methods)])
         check_heads(model, self.heads, self.tasks)
         keys = list(plan.merge_keys)
         base = {key: base_source.get_tensor(key) for key in keys}
         scaling_targets(model, base, base, "merge.plan.merge_keys")
         finetuned = {task: SourceState(source, keys) for task, source in merge.task_sources.items()}
+        routed = {name: CompressedTasks(method, base, merge.task_sources, keys, plan.matrix_keys, _device(model))
+                  for name, method in tsvc.items()}
         merged = merge.task_matrices(methods, progress=progress)
-        return self.compare(model, base, merged, finetuned, val_dataloaders, grid, verbose)
+        return self.compare(model, base, merged, finetuned, val_dataloaders, grid, verbose, routed)
 
     def with_dataloaders(self, dataloaders: Mapping[str, Iterable]) -> MergedEvalLoop:
         """The same loop (heads, metrics, forward, trainer) on other dataloaders, e.g. the validation ones."""
@@ -249,6 +215,25 @@ class MergedEvalLoop:
     def run(self, model: nn.Module, prefix: str = "merged", log: bool = True) -> EvalResult:
         """Score ``model`` on every task with its head; log ``<prefix>/<task>/<metric>`` and the means."""
         result = EvalResult(self._scores(model, self.tasks))
+        if log:
+            self._log(prefix, result)
+        return result
+
+    def run_routed(self, model: nn.Module, base: State, updates: Mapping[str, State], prefix: str = "routed",
+                   log: bool = True) -> EvalResult:
+        """Score the task-routed model: task ``t`` with ``base + updates[t]`` (``W0 + D_t``, no ``lam``) and its
+        head, e.g. each task's TSV-C update; log ``<prefix>/<task>/<metric>``. The model is left at ``base``.
+
+        Raises:
+            ValueError: a task without an update, or an update key ``base`` lacks or has in another shape.
+        """
+        updates = check_routed({prefix: updates}, self.tasks, base, [])[prefix]
+        scores = {}
+        for task in self.tasks:
+            load_state(model, routed_state(base, updates[task], f"updates[{task!r}]"), f"updates[{task!r}]")
+            scores.update(self._scores(model, [task]))
+        load_state(model, base, "base")
+        result = EvalResult(scores)
         if log:
             self._log(prefix, result)
         return result
@@ -310,8 +295,9 @@ class MergedEvalLoop:
         val_dataloaders: Mapping[str, Iterable] | None = None,
         grid: Sequence[float] = DEFAULT_GRID,
         verbose: bool = True,
+        routed: Mapping[str, Mapping[str, State]] | None = None,
     ) -> MergeReport:
-        """Score the pre-trained model, each task's own fine-tuned model and every method's merge.
+        """Score the pre-trained model, each task's own fine-tuned model, every method's merge and task-routed models.
 
         Rows: ``"pretrained"`` (``base`` loaded, with each task's head), ``"finetuned"`` (task ``t`` scored
         with ``finetuned[t]`` and its head) and one per method ``name``: ``W0 + lam * merged_matrices[name]`` at the
@@ -330,12 +316,15 @@ class MergedEvalLoop:
             val_dataloaders: ``{task: dataloader}`` for the scaling search.
             grid: the values of ``lam`` to try.
             verbose: log the table with ``rank_zero_info``.
+            routed: ``{row name: {task: {key: D_t}}}``, task-routed rows after the methods' (:meth:`run_routed`:
+                task ``t`` with ``base + D_t``, e.g. its TSV-C update), with :meth:`MergeReport.retained` per task.
         """
         merged_matrices, grid = dict(merged_matrices or {}), check_grid(grid)
         check_heads(model, self.heads, self.tasks)  # before any work: heads of any shape, checked up front
         for name, matrix in merged_matrices.items():
             scaling_targets(model, base, matrix, f"merged_matrices[{name!r}]")
         own = self._check_finetuned(base, finetuned)
+        routed = check_routed(routed, self.tasks, base, [PRETRAINED, FINETUNED, *merged_matrices])
         searcher = self if val_dataloaders is None else self.with_dataloaders(val_dataloaders)
         rows = {PRETRAINED: self._score_state(model, base), **self._score_finetuned(model, own)}
         scaling, curves = {}, {}
@@ -343,7 +332,8 @@ class MergedEvalLoop:
             scaling[name], curves[name] = search_scaling(searcher, model, base, matrix, grid)
             rows[name] = self.run(model, prefix=f"merged/{name}")
             self._log_values({f"merged/{name}/scaling": scaling[name]})
-        report = MergeReport(self.metric, rows, scaling, curves, self.higher_is_better)
+        rows.update({name: self.run_routed(model, base, updates, f"routed/{name}") for name, updates in routed.items()})
+        report = MergeReport(self.metric, rows, scaling, curves, self.higher_is_better, list(routed))
         self._leave_at_best(model, base, merged_matrices, report)
         if verbose:
             rank_zero_info(f"Merge report:\n{report.to_table()}")
@@ -367,7 +357,7 @@ class MergedEvalLoop:
         return {FINETUNED: result}
 
     def _check_finetuned(self, base: State, finetuned: Mapping[str, State] | None) -> dict[str, State] | None:
-        states = _check_states(finetuned, self.tasks, "finetuned")
+        states = check_states(finetuned, self.tasks, "finetuned")
         for task, state in (states or {}).items():
             self._check_finetuned_keys(base, state, task)
         return states

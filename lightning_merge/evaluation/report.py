@@ -1,7 +1,8 @@
 """Results: per-task scores (:class:`EvalResult`) and the comparison of models (:class:`MergeReport`).
 
-The schema is FusionBench's ``{task: {metric: value}}`` per model, with means over tasks and the normalized
-score ``merged / own fine-tuned`` per task.
+The schema is FusionBench's ``{task: {metric: value}}`` per model, with means over tasks, the normalized
+score ``merged / own fine-tuned`` per task, and for task-routed rows (each task run with its own update, e.g. its
+TSV-C compression) the retained score ``routed / own fine-tuned`` per task.
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ class MergeReport:
     Args:
         metric: the primary metric: the one of the table, the plot and the scaling search.
         rows: ``{model: EvalResult}`` with ``"pretrained"``, ``"finetuned"`` (each task scored by its own
-            model) and one row per method, in that order.
+            model), one row per method, then the task-routed rows, in that order.
         scaling: the chosen coefficient ``lam`` per method.
         curves: ``{method: {lam: mean validation score}}`` of the scaling search.
         higher_is_better: the direction of ``metric`` (decides :attr:`best`).
+        routed: the names of the task-routed rows (each task scored with its own update of the base and its head,
+            no ``lam``): not methods, never :attr:`best`; their ratio to the own fine-tunes is :meth:`retained`.
 
     Example:
         >>> report = MergeReport("accuracy", {
@@ -84,11 +87,20 @@ class MergeReport:
     scaling: dict[str, float] = dataclasses.field(default_factory=dict)
     curves: dict[str, dict[float, float]] = dataclasses.field(default_factory=dict)
     higher_is_better: bool = True
+    routed: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        bad = [name for name in self.routed if name not in self.rows or name in (PRETRAINED, FINETUNED)]
+        if bad:
+            raise ValueError(
+                f"Expected argument `routed` to name rows other than {PRETRAINED!r} and {FINETUNED!r}, but got"
+                f" {bad[0]!r} (rows: {list(self.rows)})."
+            )
 
     @property
     def methods(self) -> list[str]:
         """The merge methods, in the order they were scored."""
-        return [name for name in self.rows if name not in (PRETRAINED, FINETUNED)]
+        return [name for name in self.rows if name not in (PRETRAINED, FINETUNED, *self.routed)]
 
     @property
     def tasks(self) -> list[str]:
@@ -125,25 +137,54 @@ class MergeReport:
         values = list(self.normalized(name, metric).values())
         return sum(values) / len(values)
 
+    def retained(self, name: str, metric: str | None = None) -> dict[str, float]:
+        """``score_t(routed row name) / score_t(own fine-tuned)`` per task: how much of each fine-tune a task-routed
+        model keeps (e.g. TSV-C's compressed update; 1.0 is lossless).
+
+        Example:
+            >>> report = MergeReport("accuracy", {
+            ...     "finetuned": EvalResult({"a": {"accuracy": 1.0}, "b": {"accuracy": 0.5}}),
+            ...     "tsv_c": EvalResult({"a": {"accuracy": 0.75}, "b": {"accuracy": 0.5}})}, routed=["tsv_c"])
+            >>> report.retained("tsv_c"), report.methods, report.best
+            ({'a': 0.75, 'b': 1.0}, [], None)
+
+        Raises:
+            ValueError: ``name`` is not a task-routed row, or the report has no ``"finetuned"`` row.
+        """
+        if name not in self.routed:
+            raise ValueError(
+                f"Expected a task-routed row {self.routed}, but got {name!r}. HINT: a merge's ratio is"
+                " `normalized(name)`."
+            )
+        return self.normalized(name, metric)
+
+    def retained_mean(self, name: str, metric: str | None = None) -> float:
+        values = list(self.retained(name, metric).values())
+        return sum(values) / len(values)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data: rows with their means, normalized scores, scaling and curves."""
         rows = {name: {"scores": r.scores, "mean": r.mean} for name, r in self.rows.items()}
         normalized = {m: self.normalized(m) for m in self.methods} if FINETUNED in self.rows else {}
+        retained = {r: self.retained(r) for r in self.routed} if FINETUNED in self.rows else {}
         curves = {m: [[lam, score] for lam, score in curve.items()] for m, curve in self.curves.items()}
         return {"metric": self.metric, "higher_is_better": self.higher_is_better, "rows": rows,
-                "normalized": normalized, "scaling": self.scaling, "curves": curves, "best": self.best}
+                "normalized": normalized, "scaling": self.scaling, "curves": curves, "best": self.best,
+                "routed": list(self.routed), "retained": retained}
 
     def _columns(self) -> list[str]:
         columns = [name for name in (PRETRAINED, FINETUNED) if name in self.rows]
         for method in self.methods:
             columns += [method, f"{method}/ft"] if FINETUNED in self.rows else [method]
+        for name in self.routed:
+            columns += [name, f"{name}/retained"] if FINETUNED in self.rows else [name]
         return columns
 
     def _cell(self, column: str, task: str | None) -> float | None:
-        name, _, norm = column.partition("/")
-        if norm:
+        if column not in self.rows:  # "<row>/ft" or "<row>/retained": the ratio to the own fine-tunes
+            name = column.rpartition("/")[0]
             return self.normalized_mean(name) if task is None else self.normalized(name)[task]
-        row = self.rows[name]
+        row = self.rows[column]
         return row.mean.get(self.metric) if task is None else row.scores[task][self.metric]
 
     def to_table(self) -> str:
@@ -159,12 +200,14 @@ class MergeReport:
 
     def _records(self) -> Iterator[list[Any]]:
         for name, row in self.rows.items():
-            normalized = self.normalized(name) if name in self.methods and FINETUNED in self.rows else {}
+            ratios = self.normalized(name) if name not in (PRETRAINED, FINETUNED) and FINETUNED in self.rows else {}
+            normalized, retained = (ratios, {}) if name in self.methods else ({}, ratios)
             for task in [*row.scores, "mean"]:
                 scores = row.mean if task == "mean" else row.scores[task]
                 for metric, value in scores.items():
                     norm = self._norm_cell(name, task, metric, normalized)
-                    yield [name, task, metric, value, norm, self.scaling.get(name, "")]
+                    kept = self._norm_cell(name, task, metric, retained)
+                    yield [name, task, metric, value, norm, self.scaling.get(name, ""), kept]
 
     def _norm_cell(self, name: str, task: str, metric: str, normalized: dict[str, float]) -> float | str:
         if not normalized or metric != self.metric:
@@ -175,11 +218,12 @@ class MergeReport:
     def to_csv(self, path: str | Path) -> None:
         """Long format, a line per model, task (and ``mean``) and metric.
 
-        Columns: ``model,task,metric,value,normalized,scaling`` (normalized for the primary metric only).
+        Columns: ``model,task,metric,value,normalized,scaling,retained``: ``normalized`` for the methods' rows and
+        ``retained`` for the task-routed rows (both ``row / own fine-tuned``), for the primary metric only.
         """
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["model", "task", "metric", "value", "normalized", "scaling"])
+            writer.writerow(["model", "task", "metric", "value", "normalized", "scaling", "retained"])
             writer.writerows(self._records())
 
     @rank_zero_only
@@ -189,7 +233,8 @@ class MergeReport:
 
     @rank_zero_only
     def plot(self, path: str | Path) -> None:
-        """A PNG: per-task bars of the primary metric per model, and the ``lam`` curve of each method.
+        """A PNG: per-task bars of the primary metric per model, the ``lam`` curve of each method, and the retained
+        score per task of each task-routed row.
 
         Raises:
             ImportError: matplotlib is not installed.
