@@ -9,7 +9,7 @@ does not, and refuses). The callback, the engine and the command line name metho
 Example:
     >>> method = get_method("tsv_m", rank=0.125)
     >>> method
-    TSVM(scaling=1.0, weights=None, rank=0.125, solver='auto')
+    TSVM(scaling=1.0, weights=None, rank=0.125, solver='auto', embeddings='matrix')
     >>> base = torch.zeros(4, 4)
     >>> method(base, [base + torch.eye(4), base - torch.eye(4)]).shape
     torch.Size([4, 4])
@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -42,6 +42,23 @@ from lightning_merge.functional._checks import (
 from lightning_merge.functional.lora import LowRankUpdate, lora_merge, lora_sum
 from lightning_merge.functional.merges import Basis, Factors, Fit, TaskVectors, linear_merge
 from lightning_merge.functional.svd import SOLVERS, Solver, svd_merge_cost
+
+Embeddings = Literal["matrix", "average"]
+VOCABULARY_ASPECT, VOCABULARY_ROWS = 8, 16384
+
+
+def vocabulary_sized(shape: tuple[int, ...]) -> bool:
+    """Whether a parameter of ``shape`` is vocabulary-sized: 2-D, its long side at least ``8x`` its short side and at
+    least 16384 (a 30522 x 384 word embedding or a 32000 x 4096 output head, not a 3072 x 768 or 14336 x 4096 MLP
+    weight, nor a 512 x 384 position embedding).
+
+    Example:
+        >>> vocabulary_sized((30522, 384)), vocabulary_sized((3072, 768)), vocabulary_sized((512, 384))
+        (True, False, False)
+    """
+    if len(shape) != 2 or min(shape) == 0:
+        return False
+    return max(shape) >= VOCABULARY_ASPECT * min(shape) and max(shape) >= VOCABULARY_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,15 +246,35 @@ class TIES(MergeMethod):
 
 @dataclasses.dataclass(frozen=True)
 class SVDMethod(MergeMethod):
-    """Shared options of the merges on singular features: ``rank`` per task and the SVD ``solver``."""
+    """Shared options of the merges on singular features: ``rank`` per task, the SVD ``solver``, and how
+    vocabulary-sized matrices are merged (``embeddings``).
+
+    ``embeddings="matrix"`` merges every matrix parameter by its singular features, as METHODS.md defines matrix
+    parameters; ``embeddings="average"`` merges vocabulary-sized ones (token embeddings, untied output heads: a
+    2-D parameter whose long side is at least ``8x`` its short side and at least 16384, see
+    :func:`vocabulary_sized`) as other parameters, ``M = mean_t D_t``. A fine-tune changes only the rows of the
+    tokens it saw, so such a task matrix is sparse in rows rather than low-rank, and its SVD is the largest single
+    cost of a transformer's merge. The factored LoRA path is unaffected (an adapter's update is low-rank).
+    """
 
     rank: Rank = None
     solver: Solver = "auto"
+    embeddings: Embeddings = "matrix"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_rank(self.rank)
         check_choice("solver", self.solver, SOLVERS)
+        check_choice("embeddings", self.embeddings, ("matrix", "average"))
+
+    def merge(self, task_vectors: TaskVectors) -> Tensor:
+        if self.embeddings == "average" and vocabulary_sized(tuple(task_vectors[0].shape)):
+            return F.average(task_vectors, scaling=self.scaling, weights=self.weights)
+        return self.merge_matrix(task_vectors)
+
+    @abstractmethod
+    def merge_matrix(self, task_vectors: TaskVectors) -> Tensor:
+        """The method's own merge (matrices by their singular features, other parameters averaged)."""
 
     @abstractmethod
     def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
@@ -252,7 +289,7 @@ class SVDMethod(MergeMethod):
     def cost(self, shape: Sequence[int], num_tasks: int) -> float:
         """The SVD merge's estimate (:func:`~lightning_merge.functional.svd.svd_merge_cost`) for a matrix, the
         average's for other parameters."""
-        if len(shape) != 2:
+        if len(shape) != 2 or (self.embeddings == "average" and vocabulary_sized(tuple(shape))):
             return super().cost(shape, num_tasks)
         m, n = shape
         return svd_merge_cost(m, n, resolve_rank(self.rank, min(m, n), num_tasks), num_tasks)
@@ -265,7 +302,7 @@ class TSVM(SVDMethod):
     name: ClassVar[str] = "tsv_m"
     reference_url: ClassVar[str] = "https://arxiv.org/abs/2412.00081"
 
-    def merge(self, task_vectors: TaskVectors) -> Tensor:
+    def merge_matrix(self, task_vectors: TaskVectors) -> Tensor:
         return F.tsv_m(task_vectors, rank=self.rank, scaling=self.scaling, solver=self.solver, weights=self.weights)
 
     def factors(self, U: Tensor, s: Tensor, V: Tensor) -> Factors:
@@ -296,7 +333,7 @@ class SFTM(SVDMethod):
         if self.rcond is not None:
             check_rcond(self.rcond)
 
-    def merge(self, task_vectors: TaskVectors) -> Tensor:
+    def merge_matrix(self, task_vectors: TaskVectors) -> Tensor:
         return F.sftm(
             task_vectors,
             rank=self.rank,

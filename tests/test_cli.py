@@ -156,8 +156,8 @@ def test_help_documents_every_option(capsys):
         for flag in action.option_strings:
             assert flag in text
         assert action.help, action.dest
-    for option in ("--rank", "--density", "--basis", "--fit", "--rcond", "--solver", "--weights", "--scaling",
-                   "--no-strict"):
+    for option in ("--rank", "--density", "--basis", "--fit", "--embeddings", "--rcond", "--solver", "--weights",
+                   "--scaling", "--no-strict"):
         assert option in text
 
 

@@ -184,3 +184,27 @@ def test_core_imports_without_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "torch.Size([3, 3])" in out.stdout
+
+
+def test_embeddings_average_merges_vocabulary_sized_matrices_as_other_parameters():
+    g = torch.Generator().manual_seed(0)
+    vocab = [torch.randn(16384, 32, generator=g, dtype=torch.float64) for _ in range(3)]
+    square = [torch.randn(40, 30, generator=g, dtype=torch.float64) for _ in range(3)]
+    for cls in (TSVM, SFTM):
+        averaged, kept = cls(embeddings="average", scaling=0.5), cls(scaling=0.5)
+        assert torch.allclose(averaged.merge(vocab), 0.5 * sum(vocab) / 3, atol=1e-12, rtol=0)
+        assert torch.equal(kept.merge(vocab), kept.merge_matrix(vocab))  # "matrix": by its singular features
+        assert not torch.allclose(kept.merge(vocab), averaged.merge(vocab))
+        assert torch.equal(averaged.merge(square), kept.merge(square))  # only vocabulary-sized ones change
+        assert averaged.cost((16384, 32), 3) == get_method("average").cost((16384, 32), 3) < kept.cost((16384, 32), 3)
+    with pytest.raises(ValueError, match=r"`embeddings` to be one of \['matrix', 'average'\]"):
+        TSVM(embeddings="mean")
+
+
+@pytest.mark.parametrize(("shape", "expected"), [((30522, 384), True), ((384, 30522), True), ((128256, 4096), True),
+                                                 ((3072, 768), False), ((14336, 4096), False), ((512, 384), False),
+                                                 ((16383, 8), False), ((30522,), False), ((0, 30522), False)])
+def test_vocabulary_sized(shape, expected):
+    from lightning_merge.methods import vocabulary_sized
+
+    assert vocabulary_sized(shape) is expected

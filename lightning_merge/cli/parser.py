@@ -144,6 +144,8 @@ _OPTION_DOCS = {
     " min(m, n) // T",
     "solver": "SVD solver",
     "basis": "SFTM bases: features (the paper) or orthogonal (TSV-M's orthogonalized bases)",
+    "embeddings": "TSV-M/SFTM on vocabulary-sized matrices (token embeddings, output heads): matrix (by their"
+    " singular features) or average (as other parameters)",
     "fit": "SFTM coefficients: response (each feature's own response, the paper) or mapping (each feature's whole"
     " mapping, least squares)",
     "rcond": "relative cut-off of the minimum-norm least-squares solve, or null for the default",
