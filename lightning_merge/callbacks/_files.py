@@ -23,8 +23,8 @@ from torch import Tensor
 
 from lightning_merge.callbacks._hf import save_hf_model
 from lightning_merge.callbacks._tasks import safe_name
-from lightning_merge.engine import MergePlan
-from lightning_merge.io import RECORD_FILE, CheckpointSource, MergeRecord, describe_input, hash_file, publish_folder
+from lightning_merge.engine import MergePlan, merge_record
+from lightning_merge.io import RECORD_FILE, CheckpointSource, MergeRecord, hash_file, publish_folder
 from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, save_state_dict
 from lightning_merge.methods import MergeMethod
 
@@ -53,26 +53,15 @@ class MergedRun:
     def record(self, outputs: list[str]) -> MergeRecord:
         """The merge record, with the inputs' files sized and hashed (XXH3-128) now."""
         sources = [("base", self.base), *(("finetuned", s) for s in self.tasks.values())]
-        inputs = [describe_input(role, s.name, len(s.keys()), s.files(), _hashes(s)) for role, s in sources]
-        return MergeRecord(
-            method=self.method.name,
-            options=self.method.options(),
-            scaling=float(self.method.scaling),
-            inputs=inputs,
-            outputs=outputs,
-            merged_keys=list(self.plan.merge_keys),
-            excluded_keys=list(self.plan.excluded_keys),
-            skipped=dict(self.plan.skipped),
+        hashes = {path: hash_file(path, "xxh3_128") for _, s in sources for path in s.files()}
+        return merge_record(
+            self.method, self.plan, sources, hashes, outputs,
             exclude=list(self.exclude),
             device=str(self.device),
             tasks=list(self.tasks),
             world_size=int(self.world_size),
             seconds=round(self.seconds, 3),
         )
-
-
-def _hashes(source: CheckpointSource) -> dict[Path, str]:
-    return {path: hash_file(path, "xxh3_128") for path in source.files()}
 
 
 def save_heads(folder: Path, heads: Mapping[str, Mapping[str, Tensor]]) -> list[str]:

@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from lightning_merge.engine.checkpoints import merge_checkpoints
+from lightning_merge.engine.checkpoints import merge_checkpoints, merge_record
 from lightning_merge.engine.plan import MergePlan, compile_exclude, plan_merge
 from lightning_merge.engine.shard import shard_keys
 from lightning_merge.engine.stream import DTYPES, merge_keys, task_matrices
@@ -38,6 +38,7 @@ __all__ = [
     "compile_exclude",
     "merge_checkpoints",
     "merge_keys",
+    "merge_record",
     "plan_merge",
     "shard_keys",
     "task_matrices",

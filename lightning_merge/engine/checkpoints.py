@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -190,19 +191,28 @@ def _output_specs(job: _Job) -> list[TensorSpec]:
     return [TensorSpec(k, shape, out_dtype(k)) for k, shape in job.plan.shapes.items()]
 
 
+def merge_record(method: MergeMethod, plan: MergePlan, sources: Sequence[tuple[str, CheckpointSource]],
+                 hashes: Mapping[Path, str], outputs: list[str], **fields: Any) -> MergeRecord:
+    """The :class:`~lightning_merge.io.record.MergeRecord` of ``plan`` merged with ``method``: the fields every
+    writer shares (method, options, scaling, the ``(role, source)`` inputs with their files' sizes and ``hashes``,
+    ``outputs``, the keys merged, excluded and skipped), plus the writer's own ``fields``."""
+    return MergeRecord(
+        method=method.name,
+        options=method.options(),
+        scaling=float(method.scaling),
+        inputs=[describe_input(role, s.name, len(s.keys()), s.files(), hashes) for role, s in sources],
+        outputs=outputs,
+        merged_keys=list(plan.merge_keys),
+        excluded_keys=list(plan.excluded_keys),
+        skipped=dict(plan.skipped),
+        **fields,
+    )
+
+
 def _record(job: _Job, hashes: Mapping[Path, str], outputs: list[str], start: float) -> MergeRecord:
     roles = ["base"] + ["finetuned"] * len(job.finetuned)
-    sources = zip(roles, job.sources, strict=True)
-    inputs = [describe_input(role, s.name, len(s.keys()), s.files(), hashes) for role, s in sources]
-    return MergeRecord(
-        method=job.method.name,
-        options=job.method.options(),
-        scaling=float(job.method.scaling),
-        inputs=inputs,
-        outputs=outputs,
-        merged_keys=list(job.plan.merge_keys),
-        excluded_keys=list(job.plan.excluded_keys),
-        skipped=dict(job.plan.skipped),
+    return merge_record(
+        job.method, job.plan, list(zip(roles, job.sources, strict=True)), hashes, outputs,
         exclude=list(job.exclude),
         strict=bool(job.strict),
         device=str(job.device),
