@@ -9,7 +9,7 @@ does not, and refuses). The callback, the engine and the command line name metho
 Example:
     >>> method = get_method("tsv_m", rank=0.125)
     >>> method
-    TSVM(scaling=1.0, weights=None, rank=0.125, solver='auto', embeddings='matrix')
+    TSVM(scaling=1.0, weights=None, rank=0.125, solver='auto', embeddings='average')
     >>> base = torch.zeros(4, 4)
     >>> method(base, [base + torch.eye(4), base - torch.eye(4)]).shape
     torch.Size([4, 4])
@@ -249,17 +249,21 @@ class SVDMethod(MergeMethod):
     """Shared options of the merges on singular features: ``rank`` per task, the SVD ``solver``, and how
     vocabulary-sized matrices are merged (``embeddings``).
 
-    ``embeddings="matrix"`` merges every matrix parameter by its singular features, as METHODS.md defines matrix
-    parameters; ``embeddings="average"`` merges vocabulary-sized ones (token embeddings, untied output heads: a
-    2-D parameter whose long side is at least ``8x`` its short side and at least 16384, see
-    :func:`vocabulary_sized`) as other parameters, ``M = mean_t D_t``. A fine-tune changes only the rows of the
+    ``embeddings="average"`` (the default, **a choice**) merges vocabulary-sized matrices (token embeddings, untied
+    output heads: a 2-D parameter whose long side is at least ``8x`` its short side and at least 16384, see
+    :func:`vocabulary_sized`) as METHODS.md's other parameters, ``M = mean_t D_t``; ``embeddings="matrix"`` merges
+    them by their singular features like every other matrix parameter. A fine-tune changes only the rows of the
     tokens it saw, so such a task matrix is sparse in rows rather than low-rank, and its SVD is the largest single
-    cost of a transformer's merge. The factored LoRA path is unaffected (an adapter's update is low-rank).
+    cost of a transformer's merge. Measured on the real-transformer job (all-MiniLM-L6-v2, 4 text tasks, its 30522 x
+    384 word embedding): the same mean normalized accuracy within one test example (TSV-M 0.9852 both ways at the
+    validation-chosen ``lam``, 0.9755 against 0.9740 at ``lam = 1``; SFTM 0.9791 against 0.9803) for 22-27% less
+    time computing the merged matrices (TSV-M 4.0 s against 5.2 s, SFTM 3.5 s against 4.8 s). The factored LoRA
+    path is unaffected (an adapter's update is low-rank).
     """
 
     rank: Rank = None
     solver: Solver = "auto"
-    embeddings: Embeddings = "matrix"
+    embeddings: Embeddings = "average"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -268,7 +272,8 @@ class SVDMethod(MergeMethod):
         check_choice("embeddings", self.embeddings, ("matrix", "average"))
 
     def merge(self, task_vectors: TaskVectors) -> Tensor:
-        if self.embeddings == "average" and vocabulary_sized(tuple(task_vectors[0].shape)):
+        first = task_vectors[0] if len(task_vectors) else None  # bad inputs are the method's own to refuse
+        if self.embeddings == "average" and isinstance(first, Tensor) and vocabulary_sized(tuple(first.shape)):
             return F.average(task_vectors, scaling=self.scaling, weights=self.weights)
         return self.merge_matrix(task_vectors)
 

@@ -191,7 +191,7 @@ def test_embeddings_average_merges_vocabulary_sized_matrices_as_other_parameters
     vocab = [torch.randn(16384, 32, generator=g, dtype=torch.float64) for _ in range(3)]
     square = [torch.randn(40, 30, generator=g, dtype=torch.float64) for _ in range(3)]
     for cls in (TSVM, SFTM):
-        averaged, kept = cls(embeddings="average", scaling=0.5), cls(scaling=0.5)
+        averaged, kept = cls(scaling=0.5), cls(embeddings="matrix", scaling=0.5)  # "average" is the default
         assert torch.allclose(averaged.merge(vocab), 0.5 * sum(vocab) / 3, atol=1e-12, rtol=0)
         assert torch.equal(kept.merge(vocab), kept.merge_matrix(vocab))  # "matrix": by its singular features
         assert not torch.allclose(kept.merge(vocab), averaged.merge(vocab))
@@ -199,6 +199,10 @@ def test_embeddings_average_merges_vocabulary_sized_matrices_as_other_parameters
         assert averaged.cost((16384, 32), 3) == get_method("average").cost((16384, 32), 3) < kept.cost((16384, 32), 3)
     with pytest.raises(ValueError, match=r"`embeddings` to be one of \['matrix', 'average'\]"):
         TSVM(embeddings="mean")
+    with pytest.raises(ValueError, match="at least one tensor"):
+        TSVM().merge([])  # the embeddings rule looks at the first input: bad inputs keep their own errors
+    with pytest.raises(TypeError, match=r"`task_vectors\[0\]` to be a torch.Tensor"):
+        SFTM().merge([None])
 
 
 @pytest.mark.parametrize(("shape", "expected"), [((30522, 384), True), ((384, 30522), True), ((128256, 4096), True),
