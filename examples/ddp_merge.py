@@ -1,9 +1,9 @@
-"""Multi-process: the main job's merge phase with DDP, 2 CPU processes.
+"""Multi-process: the digits job's merge phase with DDP, 2 CPU processes.
 
-    python examples/ddp_merge.py [--fast] [--out runs/ddp_merge] [--from runs/main_job]
+    python examples/ddp_merge.py [--fast] [--out runs/ddp_merge] [--from runs/digits_job]
 
-1. Pre-train the digits MLP and fine-tune it on the 8 tasks exactly as ``main_job.py`` does (one process, its
-   ``MergeCallback`` leaves the snapshots in ``<out>/merge``), or, with ``--from``, take the snapshots a main job
+1. Pre-train the digits MLP and fine-tune it on the 8 tasks exactly as ``digits_job.py`` does (one process, its
+   ``MergeCallback`` leaves the snapshots in ``<out>/merge``), or, with ``--from``, take the snapshots a digits job
    run left in ``<from>/merge``.
 2. Merge them with TSV-M in a ``MergeCallback`` (workflow 2: ``base=..., finetuned={task: snapshot}``) at the end of
    a ``Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn")`` fit that trains nothing: ``shard_keys`` gives
@@ -30,8 +30,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from digits import TASKS, DigitNet, Digits
+from digits_job import fine_tune, pretrain
 from lightning.pytorch.callbacks import Callback
-from main_job import fine_tune, pretrain
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_merge import MergeCallback, get_method
@@ -71,7 +71,7 @@ def snapshots(folder: Path) -> tuple[Path, dict[str, Path]]:
     tasks = {task: folder / f"task-{i:02d}-{task}" for i, task in enumerate(TASKS)}
     missing = [str(p) for p in [folder / "base", *tasks.values()] if not p.is_dir()]
     if missing:
-        raise SystemExit(f"missing snapshots {missing}; run examples/main_job.py first or drop --from")
+        raise SystemExit(f"missing snapshots {missing}; run examples/digits_job.py first or drop --from")
     return folder / "base", tasks
 
 

@@ -1,4 +1,4 @@
-"""The main job in its fast form: it must run offline from a fresh checkout and produce its table and files."""
+"""The digits job in its fast form: it must run offline from a fresh checkout and produce its table and files."""
 
 import json
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_main_job_fast_prints_the_table_and_writes_the_report(tmp_path):
-    out = subprocess.run([sys.executable, "main_job.py", "--fast", "--out", str(tmp_path)], cwd=EXAMPLES,
+def test_digits_job_fast_prints_the_table_and_writes_the_report(tmp_path):
+    out = subprocess.run([sys.executable, "digits_job.py", "--fast", "--out", str(tmp_path)], cwd=EXAMPLES,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()

@@ -1,6 +1,6 @@
-"""The main job: a real fine-tune-then-merge on bundled data, offline, with a per-task table.
+"""The digits job: a quick fine-tune-then-merge on bundled data, offline, with a per-task table.
 
-    python examples/main_job.py [--fast] [--out runs/main_job]
+    python examples/digits_job.py [--fast] [--out runs/digits_job]
 
 1. Pre-train a small MLP once on the digits in four orientations (scikit-learn's bundled digits, see digits.py).
 2. Fine-tune it on 8 tasks (the 8 symmetries of the square), one ordinary ``Trainer.fit`` each, with one
@@ -77,7 +77,7 @@ def compare(data: Digits, merge: MergeCallback, grid: list[float]):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fast", action="store_true", help="a one-minute version (fewer steps, coarser grid)")
-    parser.add_argument("--out", type=Path, default=Path("runs/main_job"), help="where files are written")
+    parser.add_argument("--out", type=Path, default=Path("runs/digits_job"), help="where files are written")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
