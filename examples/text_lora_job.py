@@ -39,7 +39,15 @@ from lightning_merge.evaluation.report import PRETRAINED
 from lightning_merge.lora import LoraAdapter, load_adapter, merge_adapters
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-LOW_RANK_METHODS = ("average", "task_arithmetic", "tsv_m", "sftm")
+LOW_RANK_METHODS = {  # every method with a low-rank form, SFTM in both fits and both bases (merged on factors)
+    "average": get_method("average", scaling=1.0),
+    "task_arithmetic": get_method("task_arithmetic", scaling=1.0),
+    "tsv_m": get_method("tsv_m", scaling=1.0),
+    "sftm": get_method("sftm", scaling=1.0),
+    "sftm_orthogonal": get_method("sftm", basis="orthogonal", scaling=1.0),
+    "sftm_mapping": get_method("sftm", fit="mapping", scaling=1.0),
+    "sftm_mapping_orthogonal": get_method("sftm", fit="mapping", basis="orthogonal", scaling=1.0),
+}
 
 
 def with_lora(num_classes: int, head: dict[str, Tensor], steps: int) -> TextClassifier:
@@ -86,7 +94,7 @@ def compare(batches: Batches, merge: MergeCallback, probes, out: Path,
     base = {k: state[k].detach().clone() for k in own[names[0]]}
     finetuned = {t: {**{k: base[k] + d for k, d in own[t].items()}, **heads[t]} for t in names}
     # each method's merged adapter at scaling 1 (M, the update at lam = 1), merged in low-rank form
-    matrices = {m: dense(merge_adapters(get_method(m, scaling=1.0), adapters)) for m in LOW_RANK_METHODS}
+    matrices = {name: dense(merge_adapters(method, adapters)) for name, method in LOW_RANK_METHODS.items()}
     test = {t: batches.loader(t, "test") for t in names}
     val = {t: batches.loader(t, "val") for t in names}
     probe_row = MergedEvalLoop(test, heads=probes).run(model, log=False)

@@ -50,10 +50,10 @@ from lightning_merge.evaluation.search import apply_scaling
 from lightning_merge.functional.compress import compressed_numel
 
 EMBEDDINGS = {  # a: (method, embeddings)
-    "tsv_m": get_method("tsv_m"),
-    "tsv_m_emb_average": get_method("tsv_m", embeddings="average"),
-    "sftm": get_method("sftm"),
-    "sftm_emb_average": get_method("sftm", embeddings="average"),
+    "tsv_m": get_method("tsv_m", embeddings="matrix"),
+    "tsv_m_emb_average": get_method("tsv_m", embeddings="average"),  # the default
+    "sftm": get_method("sftm", embeddings="matrix"),
+    "sftm_emb_average": get_method("sftm", embeddings="average"),  # the default
 }
 FITS = {  # b: (fit, basis); tsv_m (above) beside them
     "sftm": ("response", "features"),
@@ -61,7 +61,9 @@ FITS = {  # b: (fit, basis); tsv_m (above) beside them
     "sftm_mapping": ("mapping", "features"),
     "sftm_mapping_orthogonal": ("mapping", "orthogonal"),
 }
-METHODS = {**EMBEDDINGS, **{name: get_method("sftm", fit=fit, basis=basis) for name, (fit, basis) in FITS.items()}}
+# b's variants merge the word embedding as a matrix too, so that its sftm and tsv_m rows are table a's "matrix" rows
+METHODS = {**EMBEDDINGS, **{name: get_method("sftm", fit=fit, basis=basis, embeddings="matrix")
+                            for name, (fit, basis) in FITS.items()}}
 FRACTIONS = (0.01, 0.03, 0.1, 0.3)  # c: kept fractions of each matrix's singular components
 FAST_FRACTIONS = (0.01, 0.1)
 

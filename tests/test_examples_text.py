@@ -92,4 +92,5 @@ def test_text_lora_job_fast_merges_one_adapter_per_task_into_one(tmp_path):
     through_peft, in_place = (float(v) for v in re.findall(r"\d\.\d{4}", check))
     assert abs(through_peft - in_place) < 0.01, check
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["scaling"]) == {"average", "task_arithmetic", "tsv_m", "sftm"}
+    assert set(report["scaling"]) == {"average", "task_arithmetic", "tsv_m", "sftm", "sftm_orthogonal", "sftm_mapping",
+                                      "sftm_mapping_orthogonal"}
