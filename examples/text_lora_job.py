@@ -35,7 +35,8 @@ from transformers import AutoTokenizer
 
 from lightning_merge import MergeCallback, get_method
 from lightning_merge.evaluation import MergedEvalLoop, MergeReport
-from lightning_merge.evaluation.report import PRETRAINED
+from lightning_merge.evaluation.report import FINETUNED, PRETRAINED
+from lightning_merge.evaluation.search import apply_scaling
 from lightning_merge.lora import LoraAdapter, load_adapter, merge_adapters
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -83,7 +84,7 @@ def dense(adapter: LoraAdapter) -> dict[str, Tensor]:
 
 
 def compare(batches: Batches, merge: MergeCallback, probes, out: Path,
-            grid: tuple[float, ...]) -> tuple[MergeReport, dict[str, Tensor], TextClassifier]:
+            grid: tuple[float, ...]) -> tuple[MergeReport, dict[str, Tensor], TextClassifier, dict[str, float]]:
     names = list(batches.tasks)
     heads = merge.heads
     folders = [out / "merge" / f"task-{i:02d}-{name}" for i, name in enumerate(names)]
@@ -98,10 +99,22 @@ def compare(batches: Batches, merge: MergeCallback, probes, out: Path,
     test = {t: batches.loader(t, "test") for t in names}
     val = {t: batches.loader(t, "val") for t in names}
     probe_row = MergedEvalLoop(test, heads=probes).run(model, log=False)
-    report = MergedEvalLoop(test, heads=heads).compare(model, base, matrices, finetuned, val_dataloaders=val,
-                                                       grid=grid, verbose=False)
+    loop = MergedEvalLoop(test, heads=heads)
+    report = loop.compare(model, base, matrices, finetuned, val_dataloaders=val, grid=grid, verbose=False)
     rows = {PRETRAINED: probe_row, **{k: v for k, v in report.rows.items() if k != PRETRAINED}}
-    return dataclasses.replace(report, rows=rows), base, model
+    return dataclasses.replace(report, rows=rows), base, model, at_lam_one(loop, model, base, matrices, report)
+
+
+def at_lam_one(loop: MergedEvalLoop, model: TextClassifier, base: dict[str, Tensor], matrices: dict[str, dict],
+               report: MergeReport) -> dict[str, float]:
+    """Each method's mean normalized test accuracy at ``lam = 1`` (one more test pass per method)."""
+    own = report.rows[FINETUNED].scores
+    normalized = {}
+    for name, matrix in matrices.items():
+        apply_scaling(model, base, matrix, 1.0)
+        scores = loop.run(model, log=False).scores
+        normalized[name] = sum(scores[t][loop.metric] / own[t][loop.metric] for t in own) / len(own)
+    return normalized
 
 
 def check_written_adapter(batches: Batches, heads, base: dict[str, Tensor], out: Path,
@@ -145,8 +158,11 @@ def main() -> None:
     shapes = ", ".join(f"{t} {tuple(h['head.weight'].shape)}" for t, h in merge.heads.items())
     print(f"MergeCallback merged {len(tasks)} LoRA adapters with tsv_m in {merge.merge_seconds:.2f} s; heads kept per"
           f" task: {shapes}", flush=True)
-    report, base, model = compare(batches, merge, probes, args.out, budget.grid)
+    report, base, model, at_one = compare(batches, merge, probes, args.out, budget.grid)
     print(report.to_table())
+    print("mean normalized accuracy at the validation-chosen lam* and at lam = 1:")
+    for name, value in at_one.items():
+        print(f"{name:<24} {report.normalized_mean(name):9.4f} {report.scaling[name]:5.2f} {value:7.4f}")
     report.to_csv(args.out / "report.csv")
     report.to_json(args.out / "report.json")
     check_written_adapter(batches, merge.heads, base, args.out, model)
