@@ -274,3 +274,17 @@ def test_lightning_cli_runs_one_task_per_run_from_its_config(tmp_path):
         merges.append(next(c for c in cli.trainer.callbacks if isinstance(c, MergeCallback)))
     assert merges[0].collected == ["beta"] and merges[1].collected == ["alpha", "beta"]
     assert MergeRecord.load(tmp_path / "m" / "merged").tasks == ["alpha", "beta"]
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"run_id": 3, "tasks": [], "collected": []}',
+                                  '{"run_id": "x", "tasks": ["a"], "collected": "a"}',
+                                  '{"run_id": "x", "tasks": ["a"], "collected": [], "heads": {"a": "head.*"}}',
+                                  "\udcff"])
+def test_a_corrupt_or_foreign_manifest_is_a_clear_error(tmp_path, text):
+    from lightning_merge.callbacks import _tasks
+
+    (tmp_path / "manifest.json").write_text(text, errors="surrogateescape")
+    with pytest.raises(ValueError, match=r"manifest\.json.*HINT: use another `dirpath`"):
+        _tasks.read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"run_id": "x", "tasks": ["a"], "collected": [], "heads": {}}')
+    assert _tasks.read_manifest(tmp_path)["run_id"] == "x"

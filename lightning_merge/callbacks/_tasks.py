@@ -130,8 +130,32 @@ def check_starts_from_base(base_folder: Path, state: Mapping[str, Tensor], exclu
 
 # ------------------------------------------------------------------------------------------------ the manifest
 def read_manifest(dirpath: Path) -> dict[str, Any] | None:
+    """The manifest in ``dirpath`` (``None`` when there is none), checked: a folder may come from elsewhere."""
     path = dirpath / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Expected {str(path)!r} to hold MergeCallback's JSON manifest, but it does not parse ({err})."
+                         " HINT: use another `dirpath`, or delete the file to start a new run there.") from None
+    if not _is_manifest(state):
+        raise ValueError(
+            f"Expected {str(path)!r} to hold MergeCallback's manifest (a run_id string, the tasks and collected lists"
+            " of task names, heads as {task: [keys]}), but it does not. HINT: use another `dirpath`, or delete the"
+            " file to start a new run there."
+        )
+    return state
+
+
+def _is_manifest(state: Any) -> bool:
+    def names(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    heads = state.get("heads", {}) if isinstance(state, dict) else None
+    return (isinstance(state, dict) and isinstance(state.get("run_id"), str) and names(state.get("tasks"))
+            and names(state.get("collected")) and isinstance(heads, dict)
+            and all(isinstance(k, str) and names(v) for k, v in heads.items()))
 
 
 def write_manifest(dirpath: Path, state: Mapping[str, Any]) -> None:
