@@ -50,8 +50,11 @@ def pretrain(data: Digits, out: Path, steps: int) -> dict[str, torch.Tensor]:
 
 
 def fine_tune(data: Digits, pretrained: dict[str, torch.Tensor], out: Path, steps: int) -> MergeCallback:
-    merge = MergeCallback("tsv_m", tasks=list(TASKS), exclude=["head.*"], dirpath=out / "merge", progress=False)
+    # each fit names its task; overwrite=True: a run re-started after an interruption records each task again
+    merge = MergeCallback("tsv_m", tasks=list(TASKS), exclude=["head.*"], dirpath=out / "merge", progress=False,
+                          overwrite=True)
     for i, task in enumerate(TASKS):
+        merge.task = task
         start = time.perf_counter()
         model = DigitNet(lr=5e-4)
         model.load_state_dict(pretrained)  # every task starts from the pre-trained weights

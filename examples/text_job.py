@@ -95,7 +95,9 @@ def probe_heads(batches: Batches, budget: Budget, seed: int) -> dict[str, dict[s
 def fine_tune(batches: Batches, heads: dict[str, dict[str, Tensor]], out: Path, budget: Budget,
               seed: int) -> tuple[MergeCallback, TextClassifier]:
     names = list(batches.tasks)
-    merge = MergeCallback("tsv_m", tasks=names, exclude=["head.*"], dirpath=out / "merge", progress=False)
+    # overwrite=True: a run re-started after an interruption records each named task again
+    merge = MergeCallback("tsv_m", tasks=names, exclude=["head.*"], dirpath=out / "merge", progress=False,
+                          overwrite=True)
     model = None
     for i, name in enumerate(names):
         start = time.perf_counter()

@@ -64,7 +64,9 @@ def fine_tune(batches: Batches, probes: dict[str, dict[str, Tensor]], out: Path,
               seed: int) -> MergeCallback:
     names = list(batches.tasks)
     # the heads are outside the PeftModel: `exclude` keeps each task's own (of its own shape) in merge.heads
-    merge = MergeCallback("tsv_m", tasks=names, exclude=["head.*"], dirpath=out / "merge", progress=False)
+    # overwrite=True: a run re-started after an interruption records each named task again
+    merge = MergeCallback("tsv_m", tasks=names, exclude=["head.*"], dirpath=out / "merge", progress=False,
+                          overwrite=True)
     for i, name in enumerate(names):
         start = time.perf_counter()
         pl.seed_everything(seed + i, verbose=False)

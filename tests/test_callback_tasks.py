@@ -135,13 +135,16 @@ def test_fewer_fits_than_tasks_log_what_is_missing_and_merge_collected_merges_th
     assert set(later.heads) == {"alpha", "beta"} and later.missing == ["gamma"]
 
 
-def test_a_new_process_resuming_warns_when_it_names_no_task_or_starts_elsewhere(tmp_path):
+def test_a_new_process_resuming_must_name_its_task_and_warns_when_it_starts_elsewhere(tmp_path):
     trainer(tmp_path, [new_callback(tmp_path)]).fit(task_module(pretrained_state()), task_loader(0))
     module = task_module({k: v + 0.01 for k, v in pretrained_state().items()})
+    # e.g. the loop over the tasks re-run after an interruption: its first fit is alpha's data, not beta's
+    with pytest.raises(ValueError, match=r"name its task when it resumes.*recorded: \['alpha'\].*\('beta'\).*HINT"):
+        trainer(tmp_path, [unnamed := new_callback(tmp_path)]).fit(module, task_loader(1))
+    assert unnamed.collected == ["alpha"] and not (tmp_path / "m" / "task-01-beta").exists()
     with pytest.warns(UserWarning) as record:
-        trainer(tmp_path, [resumed := new_callback(tmp_path)]).fit(module, task_loader(1))
+        trainer(tmp_path, [resumed := new_callback(tmp_path, task="beta")]).fit(module, task_loader(1))
     messages = [str(w.message) for w in record]
-    assert any("recorded as task 'beta', the next declared task not recorded" in m for m in messages)
     assert any("task 'beta' does not start from the pre-trained weights" in m for m in messages)
     assert resumed.collected == ["alpha", "beta"]
 

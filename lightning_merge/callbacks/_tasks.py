@@ -107,11 +107,13 @@ def missing_message(missing: Sequence[str]) -> str:
     )
 
 
-def implicit_resume_message(task: str, dirpath: Path) -> str:
+def implicit_resume_message(task: str, dirpath: Path, collected: Sequence[str]) -> str:
     return (
-        f"MergeCallback: this fit is recorded as task {task!r}, the next declared task not recorded in the resumed run"
-        f" in {dirpath}. HINT: name each fit's task (MergeCallback(task=...), LIGHTNING_MERGE_TASK, or a `merge_task`"
-        " attribute of the datamodule)."
+        f"Expected this fit to name its task when it resumes the unfinished run in {str(dirpath)!r} (recorded:"
+        f" {list(collected)}), but it names none, and taking the next declared task ({task!r}) would pair its data"
+        " with a task only by the order of the runs (e.g. a loop over the tasks re-run after an interruption). HINT:"
+        " name each fit's task (MergeCallback(task=...), LIGHTNING_MERGE_TASK, or a `merge_task` attribute of the"
+        " datamodule), or start a new run with another `dirpath`."
     )
 
 

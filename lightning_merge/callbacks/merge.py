@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
@@ -309,7 +309,7 @@ class MergeCallback(Callback):
         task, origin = trainer.strategy.broadcast((task, origin))
         self._fit_task = task = _tasks.check_fit_task(task, origin, self.tasks, self._collected, self.overwrite)
         if self._adopted and origin.startswith("the next"):
-            rank_zero_warn(_tasks.implicit_resume_message(task, self._dir()))
+            raise ValueError(_tasks.implicit_resume_message(task, self._dir(), self._collected))
         self._adopted = False
         self._check_task_module(task, pl_module)
         if resumed or self._mode == "lora":
