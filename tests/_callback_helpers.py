@@ -73,3 +73,22 @@ class CrashAtEpoch(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
             raise RuntimeError("simulated crash")
+
+
+class EncoderClassifier(pl.LightningModule):
+    """An encoder (a transformers model, or a PeftModel around one; keys ``encoder.<its names>``) with a linear head
+    per task: the shape of a user's LightningModule around a Hugging Face model."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, ids):
+        return self.head(self.encoder(input_ids=ids).last_hidden_state[:, 0])
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)

@@ -9,13 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.compress import TSVC, load_compressed
 from lightning_merge.io import MergeRecord
-from tests._callback_helpers import pretrained_state, task_loader, task_module, trainer
+from tests._callback_helpers import EncoderClassifier, pretrained_state, task_loader, task_module, trainer
 
 EXCLUDE = ["head.*"]
 
@@ -150,22 +149,7 @@ def bert_config(transformers):
                                    intermediate_size=37)
 
 
-class Classifier(pl.LightningModule):
-    """A transformers encoder held as ``self.encoder`` (keys ``encoder.<its names>``) with a head per task."""
 
-    def __init__(self, encoder, num_classes):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(32, num_classes)
-
-    def forward(self, ids):
-        return self.head(self.encoder(input_ids=ids).last_hidden_state[:, 0])
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
 def token_loader(index, num_classes):
@@ -186,7 +170,8 @@ def test_the_adapter_of_a_hugging_face_encoder_loads_with_peft_and_gives_the_com
     merge = MergeCallback("tsv_m", tasks=list(classes), exclude=EXCLUDE, dirpath=tmp_path / "m", progress=False,
                           compress={"rank": 3})
     for i, n in enumerate(classes.values()):
-        trainer(tmp_path, [merge], max_epochs=1).fit(Classifier(pretrained_bert(transformers), n), token_loader(i, n))
+        module = EncoderClassifier(pretrained_bert(transformers), n)
+        trainer(tmp_path, [merge], max_epochs=1).fit(module, token_loader(i, n))
     base = {f"encoder.{k}": v for k, v in pretrained_bert(transformers).state_dict().items()}
     for task in classes:
         folder = merge.compressed[task]

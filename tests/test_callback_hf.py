@@ -8,13 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.io import MergeRecord
-from tests._callback_helpers import trainer
+from tests._callback_helpers import EncoderClassifier, trainer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -39,22 +37,7 @@ def pretrained_folder(tmp_path):
     return folder
 
 
-class Classifier(pl.LightningModule):
-    """An encoder (a transformers model, or a PeftModel around one) with a linear head per task."""
 
-    def __init__(self, encoder, num_classes):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(32, num_classes)
-
-    def forward(self, ids):
-        return self.head(self.encoder(input_ids=ids).last_hidden_state[:, 0])
-
-    def training_step(self, batch, batch_idx):
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
 
 
 def loader(index, num_classes):
@@ -71,7 +54,7 @@ def test_full_fine_tunes_give_a_hugging_face_model_folder(tmp_path):
     folder = pretrained_folder(tmp_path)
     merge = MergeCallback("tsv_m", tasks=list(CLASSES), exclude=EXCLUDE, dirpath=tmp_path / "m", progress=False)
     for i, n in enumerate(CLASSES.values()):
-        module = Classifier(transformers.AutoModel.from_pretrained(folder), n)
+        module = EncoderClassifier(transformers.AutoModel.from_pretrained(folder), n)
         trainer(tmp_path, [merge], max_epochs=1).fit(module, loader(i, n))
     merged = tmp_path / "m" / "merged"
     model, info = transformers.AutoModel.from_pretrained(merged, output_loading_info=True)
@@ -138,7 +121,7 @@ def lora_classifier(num_classes, seed):
     base = transformers.BertModel(bert_config())
     torch.manual_seed(seed)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
-    return Classifier(peft.get_peft_model(base, config), num_classes)
+    return EncoderClassifier(peft.get_peft_model(base, config), num_classes)
 
 
 def test_lora_fits_keep_each_task_head_and_give_a_plain_peft_adapter(tmp_path):
