@@ -262,3 +262,18 @@ def test_bad_options_and_outputs_are_clear_errors(tmp_path, bert_tasks):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         compress_checkpoints(base, tuned, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(("meta", "tensors", "match"), [
+    ("{not json", {"w": torch.zeros(2)}, "written by TSV-C"),
+    (json.dumps({"factored": "w"}), {"w": torch.zeros(2)}, "written by TSV-C"),
+    (json.dumps({"factored": ["w"], "modules": []}), {"w": torch.zeros(2)}, "written by TSV-C"),
+    (json.dumps({"factored": ["w"]}), {"w.U": torch.zeros(3, 2), "w.s": torch.zeros(2)}, r"\['w.V'\] are missing"),
+    (json.dumps({"factored": ["w"]}), {"w.U": torch.zeros(3, 2), "w.s": torch.zeros(2), "w.V": torch.zeros(4, 5)},
+     r"U \(m, k\), s \(k,\) and V \(n, k\), but got \(3, 2\), \(2,\) and \(4, 5\)"),
+])
+def test_a_hostile_compact_file_is_a_clear_error_naming_it(tmp_path, meta, tensors, match):
+    save_file(tensors, str(tmp_path / "tsv_c.safetensors"), metadata={"format": "pt", "tsv_c": meta})
+    with pytest.raises(ValueError, match=match) as error:
+        load_compressed(tmp_path)
+    assert "tsv_c.safetensors" in str(error.value)

@@ -153,18 +153,47 @@ def _read_compact(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     if not path.is_file():
         raise FileNotFoundError(f"Expected a TSV-C task folder holding {COMPACT_FILE}, but {path} does not exist.")
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("tsv_c", "null") or "null")
-        if not isinstance(meta, dict):
-            raise ValueError(f"Expected {path} to be written by TSV-C (metadata 'tsv_c'), but it has none.")
+        meta = _metadata(f.metadata() or {}, path)
         factored, deltas = set(meta.get("factored", [])), {}
         for key in f.keys():
             base_key, _, part = key.rpartition(".")
             if not (base_key in factored and "." + part in FACTOR_SUFFIXES):
                 deltas[key] = f.get_tensor(key)
+        stored = set(f.keys())
         for key in factored:
-            U, s, V = (f.get_tensor(key + suffix).float() for suffix in FACTOR_SUFFIXES)
-            deltas[key] = (U * s) @ V.T
+            deltas[key] = _product(f, key, stored, path)
     return meta, deltas
+
+
+def _metadata(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The file's ``tsv_c`` metadata, checked (a folder may come from elsewhere)."""
+    try:
+        meta = json.loads(metadata.get("tsv_c", "null") or "null")
+    except json.JSONDecodeError:
+        meta = None
+    names = meta.get("factored", []) if isinstance(meta, dict) else None
+    modules = meta.get("modules", {}) if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(modules, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in modules.items())):
+        raise ValueError(
+            f"Expected {str(path)!r} to be written by TSV-C (its metadata 'tsv_c': a JSON object with the list"
+            " 'factored' of key names and the mapping 'modules'), but it is not."
+        )
+    return meta
+
+
+def _product(f: Any, key: str, stored: set[str], path: Path) -> Tensor:
+    """``U diag(s) V^T`` of a factored key, its three factors checked against one another."""
+    missing = [key + suffix for suffix in FACTOR_SUFFIXES if key + suffix not in stored]
+    if missing:
+        raise ValueError(f"Expected {str(path)!r} to hold the factors of {key!r}, but {missing} are missing.")
+    U, s, V = (f.get_tensor(key + suffix).float() for suffix in FACTOR_SUFFIXES)
+    if U.ndim != 2 or V.ndim != 2 or s.ndim != 1 or not U.shape[1] == V.shape[1] == s.shape[0]:
+        raise ValueError(
+            f"Expected the factors of {key!r} in {str(path)!r} to be U (m, k), s (k,) and V (n, k), but got"
+            f" {tuple(U.shape)}, {tuple(s.shape)} and {tuple(V.shape)}."
+        )
+    return (U * s) @ V.T
 
 
 def _adapter_deltas(folder: Path, modules: Mapping[str, str], module_prefix: str) -> dict[str, Tensor]:
