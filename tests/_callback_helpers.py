@@ -92,3 +92,14 @@ class EncoderClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class IndexedData(pl.LightningDataModule):
+    """``task_loader(index)`` as a datamodule (a LightningCLI ``--data.index``)."""
+
+    def __init__(self, index: int = 0):
+        super().__init__()
+        self.index = index
+
+    def train_dataloader(self):
+        return task_loader(self.index)

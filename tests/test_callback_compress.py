@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.compress import TSVC, load_compressed
 from lightning_merge.io import MergeRecord
-from tests._callback_helpers import EncoderClassifier, pretrained_state, task_loader, task_module, trainer
+from tests._callback_helpers import EncoderClassifier, IndexedData, pretrained_state, task_loader, task_module, trainer
 
 EXCLUDE = ["head.*"]
 
@@ -97,15 +97,6 @@ def test_bad_options_are_clear_errors_and_the_callback_pickles():
     merge = MergeCallback(tasks=["a", "b"], compress={"energy": 0.9})
     assert pickle.loads(pickle.dumps(merge)).compress == TSVC(energy=0.9)
     assert MergeCallback(tasks=["a", "b"]).compress is None
-
-
-class IndexedData(pl.LightningDataModule):
-    def __init__(self, index: int = 0):
-        super().__init__()
-        self.index = index
-
-    def train_dataloader(self):
-        return task_loader(self.index)
 
 
 def test_lightning_cli_configures_compress_from_a_mapping(tmp_path):

@@ -14,7 +14,7 @@ from lightning_merge import TSVM, get_method
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.engine import task_matrices
 from lightning_merge.io import MergeRecord
-from tests._callback_helpers import TASKS, TaskModule, pretrained_state, task_loader, task_module, trainer
+from tests._callback_helpers import TASKS, IndexedData, TaskModule, pretrained_state, task_loader, task_module, trainer
 
 EXCLUDE = ["head.*"]
 ORDER = ("gamma", "alpha", "beta")  # not the declared order
@@ -250,15 +250,6 @@ def test_state_persists_in_the_manifest(tmp_path):
     assert state["collected"] == ["beta"] and state["mode"] == "full"
     assert state["heads"] == {"beta": ["head.bias", "head.weight"]}
     assert Path(tmp_path / "m" / "manifest.json").is_file()
-
-
-class IndexedData(pl.LightningDataModule):
-    def __init__(self, index: int = 0):
-        super().__init__()
-        self.index = index
-
-    def train_dataloader(self):
-        return task_loader(self.index)
 
 
 def test_lightning_cli_runs_one_task_per_run_from_its_config(tmp_path):
