@@ -44,13 +44,18 @@ from lightning_merge.functional.merges import Basis, Factors, Fit, TaskVectors, 
 from lightning_merge.functional.svd import SOLVERS, Solver, svd_merge_cost
 
 Embeddings = Literal["matrix", "average"]
-VOCABULARY_ASPECT, VOCABULARY_ROWS = 8, 16384
+VOCABULARY_ASPECT, VOCABULARY_ROWS = 6, 16384
 
 
 def vocabulary_sized(shape: tuple[int, ...]) -> bool:
-    """Whether a parameter of ``shape`` is vocabulary-sized: 2-D, its long side at least ``8x`` its short side and at
-    least 16384 (a 30522 x 384 word embedding or a 32000 x 4096 output head, not a 3072 x 768 or 14336 x 4096 MLP
-    weight, nor a 512 x 384 position embedding).
+    """Whether a parameter of ``shape`` is vocabulary-sized: 2-D, its long side at least ``6x`` its short side and at
+    least 16384 (a 30522 x 384 word embedding, a 32000 x 4096 or 128256 x 4096 embedding or output head; not a
+    3072 x 768, 16384 x 4096 or 14336 x 4096 MLP weight, nor a 512 x 384 position embedding).
+
+    **(choice)** ``6x`` sits above the MLP aspects of the models in use (4x for GPT/BERT-style MLPs, 2.7-3.5x for
+    gated ones, 4x for Falcon's 18176 x 4544) and below the vocabularies' (7.8x for Llama-2-7B's 32000 x 4096, 79x
+    for BERT-small's). A vocabulary under 6x its width (Llama-2-70B's 32000 x 8192) is merged as a matrix: correct,
+    only slower.
 
     Example:
         >>> vocabulary_sized((30522, 384)), vocabulary_sized((3072, 768)), vocabulary_sized((512, 384))
@@ -250,7 +255,7 @@ class SVDMethod(MergeMethod):
     vocabulary-sized matrices are merged (``embeddings``).
 
     ``embeddings="average"`` (the default, **a choice**) merges vocabulary-sized matrices (token embeddings, untied
-    output heads: a 2-D parameter whose long side is at least ``8x`` its short side and at least 16384, see
+    output heads: a 2-D parameter whose long side is at least ``6x`` its short side and at least 16384, see
     :func:`vocabulary_sized`) as METHODS.md's other parameters, ``M = mean_t D_t``; ``embeddings="matrix"`` merges
     them by their singular features like every other matrix parameter. A fine-tune changes only the rows of the
     tokens it saw, so such a task matrix is sparse in rows rather than low-rank, and its SVD is the largest single

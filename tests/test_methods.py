@@ -206,7 +206,9 @@ def test_embeddings_average_merges_vocabulary_sized_matrices_as_other_parameters
 
 
 @pytest.mark.parametrize(("shape", "expected"), [((30522, 384), True), ((384, 30522), True), ((128256, 4096), True),
-                                                 ((3072, 768), False), ((14336, 4096), False), ((512, 384), False),
+                                                 ((32000, 4096), True), ((4096, 32000), True), ((32000, 5120), True),
+                                                 ((16384, 4096), False), ((18176, 4544), False), ((3072, 768), False),
+                                                 ((14336, 4096), False), ((512, 384), False),
                                                  ((16383, 8), False), ((30522,), False), ((0, 30522), False)])
 def test_vocabulary_sized(shape, expected):
     from lightning_merge.methods import vocabulary_sized

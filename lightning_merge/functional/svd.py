@@ -4,6 +4,7 @@ PSD solves and the STI diagnostic. Every merge method is a composition of these 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -65,8 +66,9 @@ def svd_merge_cost(m: int, n: int, k: int, num_tasks: int, oversample: int = 10)
 
     Per task, the SVD the ``"auto"`` rule picks (:func:`use_randomized`): randomized, 6 products with the matrix
     (``2 niter + 2``, ``niter = 2``) of ``2 m n (k + oversample)`` each, or exact, ``4 m n r + 8 r^3`` with
-    ``r = min(m, n)``. Then the factors step on ``F = T k`` features: Gram matrices and products,
-    ``2 (m + n) F^2``, and the ``F x F`` eigendecompositions and solves, ``20 F^3``.
+    ``r = min(m, n)`` (the SVD's count; the Gram route of :func:`exact_top_k` on tall and wide matrices is cheaper,
+    but the estimates the shard stage balances are kept). Then the factors step on ``F = T k`` features: Gram
+    matrices and products, ``2 (m + n) F^2``, and the ``F x F`` eigendecompositions and solves, ``20 F^3``.
 
     Example:
         >>> svd_merge_cost(768, 768, 96, 8) > svd_merge_cost(768, 768, 96, 4)
@@ -114,14 +116,16 @@ def truncated_svd(
     Args:
         matrices: ``(..., m, n)`` floating-point tensor; the SVD runs in its dtype and on its device.
         k: number of components to keep, ``1 <= k <= min(m, n)``.
-        solver: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (Halko, Martinsson, Tropp 2011, Alg. 4.4:
+        solver: ``"exact"`` (:func:`exact_top_k`: ``torch.linalg.svd``, or the float64 Gram route for tall and wide
+            matrices where it is as accurate), ``"randomized"`` (Halko, Martinsson, Tropp 2011, Alg. 4.4:
             a Gaussian sketch with ``oversample`` extra columns and ``niter`` power iterations, ``2 niter + 2``
             products with the matrix), or ``"auto"``: the randomized solver where it is faster
             (:func:`use_randomized`) and its result provably close (:func:`converged`), else the exact one.
             ``"auto"`` tests the sketch after 3 products (spectral filter ``s**2``) and takes one more product at
             a time, up to those of ``niter`` power iterations, only while the test fails but could still pass: it
             accepts exactly the sketches that ``niter`` power iterations would, and stops early on the clearly
-            separated spectra of real task matrices (3 products instead of 6, half the sketch's time).
+            separated spectra of real task matrices (3 products instead of 6, half the sketch's time). On a batch,
+            the first matrix's sketch decides whether the others are sketched (:func:`_probed`).
         seed: seed of the randomized sketch; a private generator is used, so the result is deterministic and the
             global RNG is left alone.
 
@@ -142,8 +146,7 @@ def truncated_svd(
         )
     check_non_negative_int("niter", niter)
     if solver == "exact" or (solver == "auto" and not use_randomized(k, r, oversample)):
-        U, S, Vh = torch.linalg.svd(matrices, full_matrices=False)
-        return U[..., :k], S[..., :k], Vh[..., :k, :].mT
+        return exact_top_k(matrices, k)
     zero_tol = rank_tolerance(matrices.shape, matrices.dtype)  # the numerical rank of task_features
     most = 2 * niter + 2
 
@@ -153,11 +156,105 @@ def truncated_svd(
         return False if passes < most and converged(S, k, most - 1, zero_tol=zero_tol) else None
 
     checks = [most] if solver == "randomized" else list(range(min(3, most), most + 1))
-    found = _randomized_svd(matrices, k, min(k + oversample, r), checks, verdict, seed)
+    q = min(k + oversample, r)
+    if solver == "auto" and math.prod(matrices.shape[:-2]) > 1:
+        return _probed(matrices, k, q, checks, verdict, seed)
+    found = _randomized_svd(matrices, k, q, checks, verdict, seed)
     if found is None:
         log.debug("truncated_svd(k=%d) of %s: the sketch did not converge, exact SVD", k, tuple(matrices.shape))
-        return truncated_svd(matrices, k, solver="exact")
+        return exact_top_k(matrices, k)
     return found
+
+
+#: The exact path takes the Gram route (:func:`gram_top_k`) for matrices whose long side is at least this many times
+#: their short side (measured, benchmarks/README.md "bench_real.py"); squarer ones go to ``torch.linalg.svd``.
+GRAM_ASPECT = 2.0
+
+
+def exact_top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact top-``k`` SVD of ``x`` (``(..., m, n)``), as :func:`truncated_svd` returns it.
+
+    **(choice)** Tall or wide matrices (aspect at least :data:`GRAM_ASPECT`) go through :func:`gram_top_k` (the
+    float64 Gram of the short side and a symmetric eigensolver, no SVD of the long side) when it is accurate;
+    otherwise, and for squarer matrices, ``torch.linalg.svd``.
+    """
+    m, n = x.shape[-2:]
+    if max(m, n) >= GRAM_ASPECT * min(m, n):
+        found = gram_top_k(x, k)
+        if found is not None:
+            return found
+    U, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    return U[..., :k], S[..., :k], Vh[..., :k, :].mT
+
+
+def gram_floor(shape: Sequence[int], dtype: torch.dtype) -> float:
+    """The smallest ``(s_k / s_1)**2`` at which :func:`gram_top_k` keeps an ``m x n`` matrix of ``dtype`` (the last
+    two entries of ``shape``): ``max(m, n) * eps64 / eps(dtype)``. At least 1 for float64 input (never kept).
+
+    Example:
+        >>> round(gram_floor((1536, 384), torch.float32) ** 0.5, 4)  # s_k above 0.17% of s_1
+        0.0017
+    """
+    return max(shape[-2:]) * torch.finfo(torch.float64).eps / torch.finfo(dtype).eps
+
+
+def gram_top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Top-``k`` SVD of ``x`` (``(..., m, n)``) from the float64 Gram of its short side, or ``None`` where that is
+    not accurate enough (the caller then takes the SVD).
+
+    For ``m >= n`` (wide inputs are transposed): ``G = x^T x`` in float64 (products of float32 entries are exact
+    there), ``G = V diag(s**2) V^T`` by ``torch.linalg.eigh`` (batched over the leading dimensions, one Gram at a
+    time to bound memory), and ``U = x V diag(1/s)`` in float64; results in ``x``'s dtype.
+
+    **Error bound.** The computed Gram and its eigendecomposition are backward stable in float64: each computed
+    eigenvalue is within about ``c max(m, n) eps64 s_1**2`` of ``s_i**2``, so
+    ``|s_i' - s_i| / s_i <~ c max(m, n) eps64 (s_1 / s_i)**2``: eigenvalues of the Gram lose relative accuracy below
+    about ``sqrt(eps64) s_1``, and the singular vectors' angles grow by the same ``(s_1 / s_i)`` factor over the SVD's
+    ``eps s_1 / gap``. Hence **(choice)** the result is kept only when every ``(s_k / s_1)**2`` is at least
+    :func:`gram_floor` ``= max(m, n) eps64 / eps(dtype)``: then the relative error of every kept singular value is at
+    most about ``eps(dtype)`` (the rounding of the input itself), ``U`` is orthonormal to about ``eps(dtype)``, and the
+    vectors' angles are within the dtype's own SVD bound. For float32 that keeps ``s_k >= 0.17% s_1`` at 1536 x 384
+    (the real fine-tunes of benchmarks/bench_real.py: 1-32% at k = 48 and 96); a zero, rank-deficient or
+    ill-conditioned matrix, and any float64 input, returns ``None``.
+
+    Example:
+        >>> x = torch.randn(40, 8)
+        >>> U, S, V = gram_top_k(x, 3)
+        >>> torch.allclose(S, torch.linalg.svdvals(x)[:3], rtol=1e-5)
+        True
+    """
+    if x.shape[-2] < x.shape[-1]:
+        found = gram_top_k(x.mT, k)
+        return None if found is None else (found[2], found[1], found[0])
+    flat = x.reshape(-1, *x.shape[-2:])
+    grams = torch.stack([gram(one) for one in flat])
+    lam, Q = torch.linalg.eigh(grams)
+    lam, Q = lam.flip(-1)[:, :k], Q.flip(-1)[:, :, :k]
+    if not bool((lam[:, -1] >= gram_floor(x.shape, x.dtype) * lam[:, 0]).all()) or not bool((lam[:, -1] > 0).all()):
+        return None
+    s = lam.sqrt()
+    U = torch.stack([one.to(torch.float64) @ q for one, q in zip(flat, Q, strict=True)]) / s.unsqueeze(-2)
+    batch = x.shape[:-2]
+    return (U.to(x.dtype).reshape(*batch, -1, k), s.to(x.dtype).reshape(*batch, k),
+            Q.to(x.dtype).reshape(*batch, -1, k))
+
+
+def _probed(
+    x: Tensor, k: int, q: int, checks: list[int], verdict: Callable[[Tensor, int], bool | None], seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``"auto"`` on a batch of matrices (the ``T`` task matrices of one key): the sketch of the first one alone
+    decides. **(choice)** If it does not converge, the exact path takes the whole batch, so a failed attempt costs
+    ``1/T`` of a batched sketch (on real fine-tunes, whose spectra have no gap at ``k``, the sketch never converges:
+    trying it on every task made ``"auto"`` slower than ``"exact"``); if it does, the others are sketched together
+    and take the exact path only if they do not converge. Deterministic: the decision reads only this key's data."""
+    flat = x.reshape(-1, *x.shape[-2:])
+    first = _randomized_svd(flat[:1], k, q, checks, verdict, seed)
+    if first is None:
+        log.debug("truncated_svd(k=%d) of %s: the first sketch did not converge, exact SVD", k, tuple(x.shape))
+        return exact_top_k(x, k)
+    rest = _randomized_svd(flat[1:], k, q, checks, verdict, seed) or exact_top_k(flat[1:], k)
+    U, S, V = (torch.cat(pair).reshape(*x.shape[:-2], *pair[0].shape[1:]) for pair in zip(first, rest, strict=True))
+    return U, S, V
 
 
 def _randomized_svd(
