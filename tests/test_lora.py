@@ -470,3 +470,17 @@ def test_merged_adapter_object_round_trips(llama_adapters, tmp_path):
     assert set(reread.modules) == set(merged.modules)
     for name, module in merged.modules.items():
         assert torch.equal(reread.modules[name].lora_A, module.lora_A) and reread.modules[name].scale == 1.0
+
+
+def test_saving_an_adapter_never_replaces_a_folder_of_the_users(llama_adapters, tmp_path):
+    merged = merge_adapters("average", llama_adapters)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="`output_dir`"):
+        merged.save(mine)
+    with pytest.raises(ValueError, match="holds no merge_record.json"):
+        merged.save(mine, overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+    merged.save(tmp_path / "new")
+    assert load_adapter(tmp_path / "new").modules.keys() == merged.modules.keys()

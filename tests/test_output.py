@@ -114,6 +114,19 @@ def test_stale_temporaries_of_dead_processes_are_removed_others_kept(tmp_path):
     assert all((tmp_path / n / "f").read_text() == n for n in kept)
 
 
+def test_an_old_output_moved_aside_by_a_killed_writer_is_put_back(tmp_path):
+    """A writer killed between moving the old output aside and moving the new one in: the next writer restores the
+    old output before anything else (it is the only copy), then replaces it as asked."""
+    out, dead, host = tmp_path / "out", _dead_pid(), output_module._host()
+    old = tmp_path / f".out.lightning-merge-old-{host}-{dead}-0123abcd"
+    old.mkdir()
+    (old / "w").write_text("previous")
+    with publish_folder(out) as tmp:
+        assert (out / "w").read_text() == "previous"  # restored before the new output is published
+        (tmp / "w").write_text("new")
+    assert tree(out) == {"w": "new"} and siblings(out) == ["out"]
+
+
 def test_temporaries_name_this_process(tmp_path):
     with publish_folder(tmp_path / "out") as tmp:
         assert f"-{output_module._host()}-{os.getpid()}-" in tmp.name
@@ -167,7 +180,12 @@ def test_check_output_refuses_an_existing_path_without_overwrite(tmp_path, input
     for path in (tmp_path / "out", tmp_path / "file"):
         with pytest.raises(FileExistsError, match=rf"'{re.escape(str(path))}' already exists\. HINT: pass overwrite"):
             check_output(path, overwrite=False, inputs=inputs.values())
-    assert check_output(tmp_path / "out", overwrite=True, inputs=inputs.values()) == tmp_path / "out"
+    assert check_output(tmp_path / "out", overwrite=True, inputs=inputs.values()) == tmp_path / "out"  # empty
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"'.*out' holds no merge_record.json; overwrite=True replaces only"):
+        check_output(tmp_path / "out", overwrite=True, inputs=inputs.values())
+    with pytest.raises(ValueError, match=r"'.*file' is a file; overwrite=True replaces only"):
+        check_output(tmp_path / "file", overwrite=True, inputs=inputs.values())
     assert check_output("relative", overwrite=False) == Path.cwd() / "relative"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -62,6 +63,18 @@ def check_workflow(tasks: Sequence[str] | None, base: PathLike | None,
             )
         return check_task_names(list(finetuned))
     return check_task_names(tasks)
+
+
+def check_dirpath(dirpath: PathLike | None) -> Path | None:
+    """The ``dirpath`` argument: ``None`` (the default folder) or a non-empty path; ``""`` (an unset shell variable)
+    would make the working directory the run's folder."""
+    if dirpath is None:
+        return None
+    if not isinstance(dirpath, str | os.PathLike) or not isinstance(os.fspath(dirpath), str) or not os.fspath(dirpath):
+        raise ValueError(f"Expected argument `dirpath` to be None or a folder path, but got {dirpath!r}.")
+    if "\0" in os.fspath(dirpath):
+        raise ValueError(f"Expected argument `dirpath` to be None or a folder path, but {dirpath!r} holds a NUL.")
+    return Path(dirpath)
 
 
 def check_patterns(exclude: Sequence[str]) -> tuple[str, ...]:

@@ -77,8 +77,9 @@ def save_merged(folder: Path, state: Mapping[str, Tensor], heads: Mapping[str, M
                 run: MergedRun, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                 hf_model: tuple[str, Any] | None = None) -> MergeRecord:
     """Publish the merged folder: the weights (a Hugging Face model folder when ``hf_model`` is the module's
-    ``(attribute path, PreTrainedModel)``), ``heads/<task>.safetensors`` and ``merge_record.json``."""
-    with publish_folder(folder) as tmp:
+    ``(attribute path, PreTrainedModel)``), ``heads/<task>.safetensors`` and ``merge_record.json``; an existing
+    ``folder`` is replaced only when it is a previous output (its record lists every file in it)."""
+    with publish_folder(folder, overwrite=True, argument="dirpath") as tmp:
         if hf_model is not None:
             files = save_hf_model(tmp, hf_model, state, run.plan.excluded_keys, max_shard_size)
         else:

@@ -178,7 +178,8 @@ def merge_lora_tasks(
     heads = {task: head for task, folder in task_dirs.items() if (head := load_task_heads(folder))}
     if output is not None:
         if strategy.is_global_zero:
-            adapter.save(output)
+            with publish_folder(output) as tmp:  # the run's own folder: checked by the callback before training
+                adapter.write(tmp)
             if heads:
                 with publish_folder(output.parent / MERGED_HEADS) as tmp:
                     save_heads(tmp, heads)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_merge.engine import compile_exclude, plan_merge
 from lightning_merge.io import CheckpointSource, open_source
+from lightning_merge.io.output import not_replaceable
 
 TASK_ENV = "LIGHTNING_MERGE_TASK"
 MANIFEST = "manifest.json"
@@ -166,19 +167,42 @@ def write_manifest(dirpath: Path, state: Mapping[str, Any]) -> None:
     os.replace(tmp, dirpath / MANIFEST)
 
 
+# the folders a run writes in `dirpath` besides the task folders (callbacks/merge.py, _lora.py, _compress.py)
+RUN_FOLDERS = ("base", "merged", "merged_adapter", "merged_heads", "compressed")
+
+
+def check_run_folders(dirpath: Path, tasks: Sequence[str]) -> None:
+    """Refuse, before training, a ``dirpath`` without a manifest (not a run's folder, or workflow 2) that holds a
+    folder the run would replace and that is not this library's output (see
+    :func:`~lightning_merge.io.output.not_replaceable`: a folder whose valid record lists its files, or an empty
+    one)."""
+    names = [*RUN_FOLDERS, *(task_dirname(i, task) for i, task in enumerate(tasks))]
+    for path in (dirpath / name for name in names):
+        reason = not_replaceable(path) if path.exists() or path.is_symlink() else None
+        if reason is not None:
+            raise ValueError(
+                f"Expected `dirpath` {str(dirpath)!r} to hold no folder a run replaces unless lightning-merge wrote"
+                f" it, but {str(path)!r} {reason} and there is no {MANIFEST} of a run. HINT: use another `dirpath`,"
+                " or move that folder away."
+            )
+
+
 def adopt_manifest(state: Mapping[str, Any] | None, run_id: str, tasks: Sequence[str], dirpath: Path,
                    finished: bool = False) -> tuple[dict[str, Any] | None, str]:
     """What to take over from the manifest ``state`` found in ``dirpath``, and a message for the log.
 
     The same run (e.g. the children of ``ddp_spawn``): everything. Another process's unfinished run of the same
-    tasks: everything (it resumes). A finished run: nothing (a new run starts). Another run with other tasks that is
-    unfinished: an error, since its files would be mixed with this one's.
+    tasks: everything (it resumes). A finished run, or one that recorded no task yet (its first fit was
+    interrupted): nothing (a new run starts). Another run with other tasks that is unfinished: an error, since its
+    files would be mixed with this one's.
     """
     if state is None:
         return None, ""
     complete = set(state.get("collected", [])) >= set(state.get("tasks", []))
     if state.get("run_id") == run_id:
         return dict(state), ""
+    if not state.get("collected"):
+        return None, f"MergeCallback: {dirpath} holds a run that recorded no task; a new run starts there."
     same_tasks = list(state.get("tasks", [])) == list(tasks)
     if complete and not (finished and same_tasks):
         return None, f"MergeCallback: {dirpath} holds a finished run; a new run starts there."

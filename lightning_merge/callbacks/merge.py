@@ -144,7 +144,7 @@ class MergeCallback(Callback):
         self.exclude = _checks.check_patterns(exclude)
         self.prefix, self.device, self.save_merged, self.progress = prefix, device, save_merged, progress
         self.max_shard_size, self.overwrite = max_shard_size, overwrite
-        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.dirpath = _checks.check_dirpath(dirpath)
         self.compress = _compress.check_compress(compress, self.tasks)
         self.compressed: dict[str, Path] = {}
         self._run_id = uuid.uuid4().hex
@@ -316,6 +316,7 @@ class MergeCallback(Callback):
             return
         if not self._collected:
             self._snapshot(trainer.strategy, pl_module, self._dir() / "base")
+            self._write_manifest(trainer.strategy)  # the folder is a run's from its first snapshot on
         else:
             _tasks.check_starts_from_base(self._dir() / "base", pl_module.state_dict(), self.exclude, task)
 
@@ -384,8 +385,11 @@ class MergeCallback(Callback):
     def _adopt_manifest(self, finished: bool = False) -> None:
         # ddp_spawn children, and later processes of the same run (one job per task), learn the run from disk
         if self.finetuned is not None:
+            _tasks.check_run_folders(self._dir(), ())
             return
         found = _tasks.read_manifest(self._dir())
+        if found is None:
+            _tasks.check_run_folders(self._dir(), self.tasks)  # not a run's folder: replace only what is ours
         state, message = _tasks.adopt_manifest(found, self._run_id, self.tasks, self._dir(), finished)
         if message:
             rank_zero_info(message)

@@ -151,7 +151,7 @@ def compress_checkpoints(
     job = _Job(method, names, base_src, ft_srcs, plan, kinds, inside, resolve_device(device), list(exclude),
                bool(strict))
     log.info("Compressing %d keys of %d checkpoints with TSV-C into %s", len(plan.merge_keys), len(names), output)
-    with publish_folder(output) as tmp:
+    with publish_folder(output, overwrite=overwrite) as tmp:  # the lock, taken before any work
         record = _compress_into(tmp, job, input_hash, progress, format, start)
     log.info("Compressed into %s in %.1f s (ratio %.3f)", output, record.seconds, record.compression["ratio"])
     return record

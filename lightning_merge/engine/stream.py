@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lightning_merge.engine.plan import check_sources
-from lightning_merge.functional._checks import finite_as, numel
+from lightning_merge.functional._checks import HintedError, finite_as, numel
 from lightning_merge.io.hashing import ReadMarks
 from lightning_merge.io.sources import CheckpointSource
 from lightning_merge.methods import MergeMethod
@@ -34,13 +34,25 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def resolve_device(device: torch.device | str | None) -> torch.device:
-    """The ``device`` argument as a ``torch.device`` (CPU when ``None``)."""
+    """The ``device`` argument as a ``torch.device`` (CPU when ``None``), checked to be usable before any work: an
+    empty tensor is allocated on it (``cuda:0`` without CUDA, ``cuda:3`` on a machine with one GPU fail here), and
+    ``meta`` (no values to merge) is refused."""
     try:
-        return torch.device("cpu" if device is None else device)
+        resolved = torch.device("cpu" if device is None else device)
     except (RuntimeError, TypeError):
         raise ValueError(
             f"Expected argument `device` to be a torch device such as 'cpu' or 'cuda:0', but got {device!r}."
         ) from None
+    if resolved.type == "meta":
+        raise ValueError("Expected argument `device` to be a device that holds values, such as 'cpu' or 'cuda:0',"
+                         " but got 'meta' (meta tensors have shapes but no values to merge).")
+    try:
+        torch.empty(0, device=resolved)
+    except Exception as err:  # RuntimeError, or AssertionError from a torch built without CUDA
+        reason = " ".join(str(err).split()).split(". ")[0] or type(err).__name__
+        raise ValueError(f"Expected argument `device` to be a device of this machine, but {device!r} is not"
+                         f" available ({reason}).") from None
+    return resolved
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -84,15 +96,21 @@ def _combine(method: MergeMethod, loaded: Loaded, dtype: torch.dtype | None) -> 
 
 
 def _combine_key(method: MergeMethod, key: str, loaded: Loaded, dtype: torch.dtype | None,
-                 finetuned: Sequence[CheckpointSource]) -> Tensor:
-    """:func:`_combine`, naming the key and the checkpoints in a value error (e.g. NaN from a corrupt file)."""
+                 finetuned: Sequence[CheckpointSource], base_name: str = "base") -> Tensor:
+    """:func:`_combine`, naming the key and the checkpoints in a value error (e.g. NaN from a corrupt file): the
+    base when it is the one that is not finite."""
     try:
         return _combine(method, loaded, dtype)
     except ValueError as err:
+        base, tuned = loaded
+        if tuned and not torch.isfinite(base).all():  # a NaN in the base makes every task vector NaN: name the base
+            raise ValueError(f"Could not merge key {key!r}: the base {base_name!r} holds NaN or Inf in it, so every"
+                             " task vector does; the fine-tuned checkpoints are not to blame.") from None
         names = [ft.name for ft in finetuned]
-        raise ValueError(
-            f"Could not merge key {key!r}: {err} (`task_vectors[t]` is the fine-tuned checkpoint t of {names})."
-        ) from None
+        where = f" (`task_vectors[t]` is the fine-tuned checkpoint t of {names})."
+        if isinstance(err, HintedError):
+            raise err.wrapped(f"Could not merge key {key!r}: ", where) from None
+        raise ValueError(f"Could not merge key {key!r}: {err}{where}") from None
 
 
 def _prefetched(load: Callable[[str], Loaded], keys: Sequence[str]) -> Iterator[tuple[str, Loaded]]:
@@ -218,7 +236,7 @@ def stream_keys(
     with _progress(method, base, len(finetuned), keys, merged, progress, f"merging ({method.name})") as bar:
         for key, loaded in _prefetched(load, keys):
             bar.start(key)
-            tensor = _combine_key(method, key, loaded, dtype, finetuned)
+            tensor = _combine_key(method, key, loaded, dtype, finetuned, base.name)
             if marks is not None:
                 _mark_read(marks, [base, *finetuned] if loaded[1] else [base], key)
             del loaded

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shlex
 from collections.abc import Sequence
-from typing import TypeGuard
+from typing import Literal, TypeGuard
 
 import torch
 from torch import Tensor
@@ -140,12 +142,13 @@ def finite_as(merged: Tensor, dtype: torch.dtype) -> Tensor:
         ValueError: a merged value is NaN or Inf in ``dtype``.
     """
     out = merged.to(dtype)
+    probe = out.float() if dtype.itemsize == 1 else out  # float8 has no sum on CPU; its values fit float32
     # the cheap reduction first (as in _check_finite); the exact check only when it is not finite
-    if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
-        raise ValueError(
+    if not torch.isfinite(probe.sum()) and not torch.isfinite(probe).all():
+        raise HintedError(
             f"Expected the merged values to be finite in {dtype}, but some overflow to NaN or Inf although"
-            " the task vectors are finite. HINT: lower `scaling` or `weights`, or merge in a wider dtype"
-            " (float32)."
+            " the task vectors are finite.", "lower {0} or {1}, or merge in a wider dtype ({2})",
+            [Fix("scaling"), Fix("weights"), Fix("dtype", "float32")],
         )
     return out
 
@@ -202,3 +205,62 @@ def check_rcond(rcond: float) -> None:
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     if value not in choices:
         raise ValueError(f"Expected argument `{name}` to be one of {list(choices)}, but got {value!r}.")
+
+
+_NAME_ONLY = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix:
+    """An option of the interface (a keyword of the Python API, a flag of the command) and, optionally, the value
+    that would fix an error; each interface renders it in its own language.
+
+    Example:
+        >>> Fix("exclude", ["pooler.dense.*"]).python(), Fix("exclude", ["pooler.dense.*"]).command()
+        ("exclude=['pooler.dense.*']", "--exclude 'pooler.dense.*'")
+        >>> Fix("strict", False).command(), Fix("base_prefix", "model.").command(), Fix("scaling").command()
+        ('--no-strict', '--base-prefix model.', '`--scaling`')
+    """
+
+    option: str
+    value: object = _NAME_ONLY
+
+    def python(self) -> str:
+        return f"`{self.option}`" if self.value is _NAME_ONLY else f"{self.option}={self.value!r}"
+
+    def command(self) -> str:
+        flag = "--" + self.option.replace("_", "-")
+        if self.value is _NAME_ONLY:
+            return f"`{flag}`"
+        if isinstance(self.value, bool):
+            return flag if self.value else f"--no-{flag[2:]}"
+        values = self.value if isinstance(self.value, list | tuple) else [self.value]
+        return " ".join([flag, *(shlex.quote(str(v)) for v in values)])
+
+
+class HintedError(ValueError):
+    """A ``ValueError`` whose ``HINT:`` names options: ``hint`` is a template whose ``{0}``, ``{1}``, ... are the
+    ``fixes``. ``str(err)`` speaks the Python API (``exclude=['head.*']``, ``strict=False``);
+    ``err.render("command")`` speaks the command line (``--exclude 'head.*'``, ``--no-strict``), which is how
+    ``lightning-merge`` prints it. ``suffix`` follows the hint (e.g. how many more problems there are).
+
+    Example:
+        >>> err = HintedError("Key 'head.w' is missing.", "exclude it ({0}) or pass {1}", [Fix("exclude", ["head.*"]),
+        ...                   Fix("strict", False)])
+        >>> str(err)
+        "Key 'head.w' is missing. HINT: exclude it (exclude=['head.*']) or pass strict=False."
+        >>> err.render("command")
+        "Key 'head.w' is missing. HINT: exclude it (--exclude 'head.*') or pass --no-strict."
+    """
+
+    def __init__(self, message: str, hint: str, fixes: Sequence[Fix], suffix: str = "") -> None:
+        self.message, self.hint, self.fixes, self.suffix = message, hint, tuple(fixes), suffix
+        super().__init__(self.render("python"))
+
+    def render(self, language: Literal["python", "command"]) -> str:
+        shown = [fix.python() if language == "python" else fix.command() for fix in self.fixes]
+        return f"{self.message} HINT: {self.hint.format(*shown)}.{self.suffix}"
+
+    def wrapped(self, before: str = "", after: str = "") -> HintedError:
+        """The same error with text added before the message and after the hint."""
+        return HintedError(before + self.message, self.hint, self.fixes, self.suffix + after)

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import os
 import stat
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from lightning_merge.io.protocol import CheckpointSource
 
-__all__ = ["MAX_FILE_BYTES", "MODEL_FILES", "copy_model_files", "model_folder"]
+__all__ = ["MAX_FILE_BYTES", "MODEL_FILES", "copy_model_files", "folder_member", "model_folder"]
 
 MODEL_FILES: tuple[str, ...] = (
     # the model's configuration (from_pretrained)
@@ -79,6 +79,40 @@ def model_folder(source: CheckpointSource) -> Path | None:
     if root is None or not Path(root).is_dir() or not os.path.lexists(Path(root) / "config.json"):
         return None
     return Path(root)
+
+
+def folder_member(folder: str | os.PathLike, name: object, where: str) -> Path:
+    """``folder/name``, checked to stay inside ``folder``: the weights files a model folder or its shard index names.
+
+    ``name`` must be a relative path without ``..`` (an index naming ``/abs/path`` or ``../x`` would make the merge
+    read a file from elsewhere into its output), and the file it reaches, links followed, must lie inside the
+    folder, or be the Hugging Face cache's blob of the same repository (``snapshots/<revision>/<name> ->
+    ../../blobs/<hash>``, the cache's own layout). ``where`` names the origin of ``name`` in messages.
+
+    Raises:
+        ValueError: a name that is not a relative path inside the folder, or a link that leaves it.
+
+    Example:
+        >>> folder_member("model", "model-00001-of-00002.safetensors", "the index").as_posix()
+        'model/model-00001-of-00002.safetensors'
+        >>> folder_member("model", "../secret.safetensors", "the index")
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected the index to name a file inside the model folder 'model', but got '../secret.safetensors'.
+    """
+    folder = Path(folder)
+    pure = PurePosixPath(name) if isinstance(name, str) else None
+    if pure is None or not name or "\x00" in str(name) or pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(f"Expected {where} to name a file inside the model folder {str(folder)!r}, but got {name!r}.")
+    path = folder / str(name)
+    target, inside = path.resolve(), folder.resolve()
+    blobs = (folder.parent.parent / "blobs").resolve()
+    if target.is_relative_to(inside) or (folder.parent.name == "snapshots" and target.parent == blobs):
+        return path
+    raise ValueError(
+        f"Expected {str(name)!r} ({where}) to be a file inside the model folder {str(folder)!r}, but it links to"
+        f" {str(target)!r} outside it. HINT: pass the file itself, or copy it into the folder."
+    )
 
 
 def copy_model_files(

@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from lightning_merge.functional._checks import Fix, HintedError
+
 __all__ = ["CheckpointSource", "Device", "MappedSource"]
 
 Device = torch.device | str | None
@@ -64,9 +66,9 @@ def _key_map(stored: list[str], prefix: str | None, add_prefix: str | None, name
     if prefix:
         mapping = {k[len(prefix) :]: k for k in stored if k.startswith(prefix)}
         if not mapping:
-            raise ValueError(
+            raise HintedError(
                 f"Expected some keys of {name!r} to start with prefix {prefix!r}, but none do (first keys:"
-                f" {stored[:3]}). HINT: drop `prefix` or check its spelling, including the trailing dot."
+                f" {stored[:3]}).", "drop {0} or check its spelling, including the trailing dot", [Fix("prefix")]
             )
     if add_prefix:
         mapping = {add_prefix + k: v for k, v in mapping.items()}

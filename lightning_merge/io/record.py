@@ -3,7 +3,9 @@
 The engine (``merge_checkpoints``), the callback's merged folder and the command's merge of adapters into a base all
 write a :class:`MergeRecord`: the method and its options, every input with its files' sizes and hashes, the files
 written, and the keys merged, excluded (task-specific) and skipped (copied from the base, with the reason).
-``schema_version`` changes when a field changes meaning; :meth:`MergeRecord.load` reads any version up to this one.
+``schema_version`` changes when a field changes meaning; :meth:`MergeRecord.load` reads any version up to this one
+and checks the fields' types: a record that loads is also what marks a folder as an output of this library, which
+``overwrite`` may replace (:func:`~lightning_merge.io.output.not_replaceable`).
 
 Example:
     >>> import tempfile
@@ -20,7 +22,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +103,8 @@ class MergeRecord:
 
         Raises:
             FileNotFoundError: no record there.
-            ValueError: not a JSON object of this schema (missing fields, a newer ``schema_version``), naming the file.
+            ValueError: not a JSON object of this schema (missing fields, fields of the wrong type, a newer
+                ``schema_version``), naming the file.
         """
         path = Path(path)
         path = path / RECORD_FILE if path.is_dir() else path
@@ -129,4 +132,32 @@ class MergeRecord:
         missing = [n for n in required if n not in data]
         if missing:
             raise ValueError(f"Expected {str(path)!r} to hold the merge record fields {missing}, but they are missing.")
+        for name, (check, what) in _FIELD_TYPES.items():
+            if name in data and not check(data[name]):
+                raise ValueError(f"Expected `{name}` in {str(path)!r} to be {what}, but got {data[name]!r:.80}.")
         return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# the fields' types, checked when a record is read back: a record also marks a folder as this library's output
+_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "options": (lambda v: isinstance(v, dict), "a JSON object"),
+    "scaling": (_number, "a number"),
+    "inputs": (lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of JSON objects"),
+    "outputs": (_names, "a list of file names"),
+    "merged_keys": (_names, "a list of keys"),
+    "excluded_keys": (_names, "a list of keys"),
+    "skipped": (lambda v: isinstance(v, dict), "a JSON object"),
+    "exclude": (_names, "a list of patterns"),
+    "strict": (lambda v: isinstance(v, bool), "true or false"),
+    "tasks": (_names, "a list of task names"),
+    "world_size": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+}

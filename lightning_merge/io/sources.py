@@ -7,13 +7,16 @@ format has them (safetensors), so planning a merge reads no tensor data.
 
 Formats:
     - :class:`StateDictSource`: an in-memory ``{key: Tensor}``.
-    - :class:`SafetensorsSource`: one ``.safetensors`` file; each tensor is a private memory map of its bytes
-      that lives as long as the tensor (no copy).
+    - :class:`SafetensorsSource`: one ``.safetensors`` file; each tensor is read from the file with explicit
+      reads, every byte checked against the header (a file truncated during the merge is an error, not SIGBUS).
     - :class:`TorchFileSource`: a Lightning ``.ckpt`` (its ``"state_dict"``), or a plain ``torch.save`` state
-      dict such as ``pytorch_model.bin``, loaded with ``weights_only=True`` (and ``mmap=True`` when the file
-      allows): a file that needs arbitrary code to unpickle is refused, never executed.
+      dict such as ``pytorch_model.bin``, loaded with ``weights_only=True`` (and ``mmap=True`` for zip files,
+      whose storages are checked against the zip directory and read with explicit reads): a file that needs
+      arbitrary code to unpickle is refused, never executed; a file that is neither a zip nor a pickle is refused
+      by its first bytes.
     - :class:`HFFolderSource`: a Hugging Face model folder (``model.safetensors``, sharded safetensors with
-      ``model.safetensors.index.json``, or ``pytorch_model.bin`` with or without its index).
+      ``model.safetensors.index.json``, or ``pytorch_model.bin`` with or without its index); every file it reads
+      stays inside the folder.
 
 Key prefixes: ``prefix="model."`` exposes the keys that start with ``model.`` without it and hides the
 others (a LightningModule's ``self.model`` sub-module); ``add_prefix="model."`` prepends it to every exposed

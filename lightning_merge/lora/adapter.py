@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import regex as re_timeout
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from lightning_merge.functional._checks import compute_dtype
+from lightning_merge.functional._checks import compute_dtype, is_finite_number, is_int
 from lightning_merge.functional.lora import LowRankUpdate, lora_scale
+from lightning_merge.io.hf import folder_member
 from lightning_merge.io.output import publish_folder
+from lightning_merge.io.sources import open_source
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -129,31 +133,134 @@ class LoraAdapter:
         save_file(self.state_dict(), str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
         (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
 
-    def save(self, output_dir: PathLike) -> Path:
-        """Publish the adapter as the folder ``output_dir`` (see :meth:`write`), replacing it only once complete.
+    def save(self, output_dir: PathLike, overwrite: bool = False) -> Path:
+        """Publish the adapter as the new folder ``output_dir`` (see :meth:`write`).
 
         The files are written into a hidden temporary sibling that is swapped in at the end
-        (:func:`~lightning_merge.io.output.publish_folder`): an error leaves ``output_dir`` as it was.
+        (:func:`~lightning_merge.io.output.publish_folder`): an error leaves ``output_dir`` as it was. An existing
+        ``output_dir`` is refused unless ``overwrite``, and even then replaced only when it is a previous output of
+        this library or empty (:func:`~lightning_merge.io.output.not_replaceable`), never a folder of the user's.
         """
-        with publish_folder(output_dir) as tmp:
+        with publish_folder(output_dir, overwrite=overwrite, argument="output_dir") as tmp:
             self.write(tmp)
         return Path(output_dir)
 
 
 # ------------------------------------------------------------------------------------------------------ reading
-def _pattern_value(patterns: Mapping[str, Any] | None, name: str, default: Any) -> Any:
-    # peft's `get_pattern_key` semantics: the first key that matches the end of the module name, at a dot.
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+PATTERN_TIMEOUT_S = 0.25
+"""The longest one ``rank_pattern``/``alpha_pattern`` key may take to match one module name (ordinary patterns take
+microseconds; a catastrophically backtracking one is refused instead of hanging the merge)."""
+
+_MAX_PATTERN_CHARS = 1024
+Patterns = list[tuple[str, Any, Any]]  # (key, compiled regex, value)
+
+
+def _compile_patterns(config: Mapping[str, Any], field: str, check: Callable[[str, Any], Any], source: str) -> Patterns:
+    r"""The keys of ``config[field]`` (``rank_pattern``, ``alpha_pattern``) compiled with peft's rule, their values
+    checked by ``check``.
+
+    peft's ``get_pattern_key`` applies the first key ``k`` for which ``re.match(rf"(.*\.)?({k})$", name)`` matches
+    the module name; the same expression is compiled here with the ``regex`` package (a dependency of
+    transformers), whose matches take a timeout: the keys come from the adapter folder, and a key such as ``(a+)+b``
+    would otherwise backtrack for hours on a long module name.
+    """
+    patterns = config.get(field)
+    if patterns is None:
+        return []
+    if not isinstance(patterns, dict):
+        raise ValueError(f"Expected `{field}` in {source} to be an object of module patterns, but got {patterns!r}.")
+    compiled = []
+    for key, value in patterns.items():
+        if len(key) > _MAX_PATTERN_CHARS:
+            raise ValueError(f"Expected the `{field}` keys in {source} to be module names or patterns of at most"
+                             f" {_MAX_PATTERN_CHARS} characters, but one has {len(key)}.")
+        try:
+            regex = re_timeout.compile(rf"(.*\.)?({key})$")
+        except re_timeout.error as err:
+            raise ValueError(f"Expected the `{field}` key {key!r} in {source} to be a valid regex, but it is not"
+                             f" ({err}).") from None
+        compiled.append((key, regex, check(f"{field}[{key!r}]", value)))
+    return compiled
+
+
+def _pattern_value(patterns: Patterns, name: str, default: Any, field: str, source: str) -> Any:
+    """peft's ``get_pattern_key`` semantics: the value of the first key that matches the end of ``name``, at a dot."""
+    for key, regex, value in patterns:
+        try:
+            if regex.match(name, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise ValueError(
+                f"Expected the `{field}` key {key!r} in {source} to match module names quickly, but matching"
+                f" {name!r} took over {PATTERN_TIMEOUT_S} s (catastrophic backtracking). HINT: write the module"
+                " names themselves as keys."
+            ) from None
     return default
+
+
+def _positive_int(source: str) -> Callable[[str, Any], int]:
+    def check(field: str, value: Any) -> int:
+        if not is_int(value) or value < 1:
+            raise ValueError(f"Expected `{field}` in {source} to be a positive int, but got {value!r}.")
+        return value
+
+    return check
+
+
+def _finite_number(source: str) -> Callable[[str, Any], float]:
+    def check(field: str, value: Any) -> float:
+        if not is_finite_number(value):
+            raise ValueError(f"Expected `{field}` in {source} to be a finite number, but got {value!r}.")
+        return float(value)
+
+    return check
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scaling:
+    """The validated fields of ``adapter_config.json`` that set each module's rank and scale."""
+
+    r: int
+    lora_alpha: float
+    ranks: Patterns
+    alphas: Patterns
+    use_rslora: bool
+    fan_in_fan_out: bool
+    source: str
+
+    def rank(self, name: str) -> int:
+        return int(_pattern_value(self.ranks, name, self.r, "rank_pattern", self.source))
+
+    def alpha(self, name: str) -> float:
+        return float(_pattern_value(self.alphas, name, self.lora_alpha, "alpha_pattern", self.source))
+
+
+def _scaling(config: Mapping[str, Any], source: str) -> _Scaling:
+    """Check the types of ``r``, ``lora_alpha``, the patterns and the switches (peft's defaults when absent), naming
+    the field and the file: a string ``r`` or ``lora_alpha``, ``null``, or ``"false"`` (truthy) would otherwise be
+    read as something else or fail far from the file."""
+    for switch in ("use_rslora", "fan_in_fan_out"):
+        if config.get(switch) is not None and not isinstance(config[switch], bool):
+            raise ValueError(f"Expected `{switch}` in {source} to be true or false, but got {config[switch]!r}.")
+    return _Scaling(
+        r=_positive_int(source)("r", config.get("r", 8)),
+        lora_alpha=_finite_number(source)("lora_alpha", config.get("lora_alpha", 8)),
+        ranks=_compile_patterns(config, "rank_pattern", _positive_int(source), source),
+        alphas=_compile_patterns(config, "alpha_pattern", _finite_number(source), source),
+        use_rslora=bool(config.get("use_rslora")),
+        fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+        source=source,
+    )
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"Expected a peft adapter folder with {CONFIG_NAME}, but {path} does not exist.")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"Expected {path} to hold JSON, but it does not ({err}).") from None
     if not isinstance(config, dict):
         raise ValueError(f"Expected {path} to hold a JSON object, but got {type(config).__name__}.")
     return config
@@ -179,12 +286,14 @@ def check_lora_config(config: Mapping[str, Any], source: str = CONFIG_NAME) -> N
 
 
 def _read_tensors(folder: Path) -> tuple[dict[str, Tensor], Path]:
+    """Every tensor of the folder's weights file, read like any checkpoint (:func:`~lightning_merge.io.open_source`):
+    a truncated or malformed file, a ``.bin`` whose unpickling would run code, or a link out of the folder, is a
+    ``ValueError`` naming it."""
     for name in (SAFETENSORS_NAME, BIN_NAME):
         path = folder / name
         if path.is_file():
-            if name == SAFETENSORS_NAME:
-                return load_file(str(path)), path
-            return torch.load(path, map_location="cpu", weights_only=True), path
+            source = open_source(folder_member(folder, name, "the adapter's weights"))
+            return {key: source.get_tensor(key) for key in source.keys()}, path
     raise FileNotFoundError(
         f"Expected {SAFETENSORS_NAME} or {BIN_NAME} in the peft adapter folder {folder}, but found neither."
     )
@@ -231,20 +340,34 @@ def _check_factors(
     return A, B
 
 
-def _build_module(name: str, parts: Mapping[str, Tensor], config: Mapping[str, Any], source: Path) -> LoraModule:
+def _build_module(name: str, parts: Mapping[str, Tensor], scaling: _Scaling, source: Path) -> LoraModule:
     embedding = any(kind.startswith("embedding") for kind in parts)
     prefix = "embedding " if embedding else ""
-    A, B = parts.get(f"{prefix}A"), parts.get(f"{prefix}B")
-    rank = int(_pattern_value(config.get("rank_pattern"), name, config.get("r", 8)))
-    A, B = _check_factors(name, A, B, source, rank)
-    alpha = float(_pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", 8)))
+    rank = scaling.rank(name)
+    A, B = _check_factors(name, parts.get(f"{prefix}A"), parts.get(f"{prefix}B"), source, rank)
+    scale = lora_scale(scaling.alpha(name), rank, scaling.use_rslora)
+    _check_scale(name, A, B, scale, scaling.source)
     return LoraModule(
         lora_A=A,
         lora_B=B,
-        scale=lora_scale(alpha, rank, bool(config.get("use_rslora", False))),
-        transposed=embedding or bool(config.get("fan_in_fan_out", False)),
+        scale=scale,
+        transposed=embedding or scaling.fan_in_fan_out,
         embedding=embedding,
     )
+
+
+def _check_scale(name: str, A: Tensor, B: Tensor, scale: float, source: str) -> None:
+    """Refuse a scale with which ``scale * B @ A`` may leave the compute dtype's range: every entry is at most
+    ``|scale| * r * max|B| * max|A|``, checked here in float64 (a ``lora_alpha`` of 1e308 would otherwise merge to
+    exactly 0 or to an SVD error, far from its cause)."""
+    bound = abs(scale) * A.shape[0] * float(B.abs().max()) * float(A.abs().max()) if A.numel() and B.numel() else 0.0
+    limit = torch.finfo(compute_dtype(A.dtype)).max
+    if not math.isfinite(scale) or not bound <= limit:
+        raise ValueError(
+            f"Expected `lora_alpha`/`alpha_pattern` in {source} to give module {name!r} an update scale * B @ A"
+            f" within the range of {compute_dtype(A.dtype)} (at most {limit:.3g}), but scale {scale:.3g} times its"
+            f" factors may reach {bound:.3g}."
+        )
 
 
 def load_adapter(path: PathLike) -> LoraAdapter:
@@ -254,21 +377,29 @@ def load_adapter(path: PathLike) -> LoraAdapter:
     Per module, the rank is read from the factors and checked against ``r``/``rank_pattern``; the scale is
     ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) with ``alpha_pattern`` applied like peft does.
 
+    Every field that sets the update is checked before the weights are read: ``r`` and the ``rank_pattern`` values
+    positive ints, ``lora_alpha`` and the ``alpha_pattern`` values finite numbers, ``use_rslora`` and
+    ``fan_in_fan_out`` booleans, the pattern keys valid regexes that match in bounded time
+    (:data:`PATTERN_TIMEOUT_S`); then each module's ``scale * B @ A`` is checked to fit its compute dtype.
+
     Raises:
         FileNotFoundError: a missing folder, config or weights file.
-        ValueError: a refused variant (:func:`check_lora_config`), a key that is not a LoRA factor, mismatched
-            factor shapes, a rank that disagrees with the config, NaN or Inf.
+        ValueError: a config that is not JSON or has a field of the wrong type (naming the file and the field), a
+            refused variant (:func:`check_lora_config`), a weights file that is truncated, malformed or needs code
+            to unpickle (naming it), a key that is not a LoRA factor, mismatched factor shapes, a rank that
+            disagrees with the config, a scale that overflows, NaN or Inf.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"Expected argument `path` to be a peft adapter folder, but {folder} is not a folder.")
     config = _read_config(folder)
     check_lora_config(config, str(folder / CONFIG_NAME))
+    scaling = _scaling(config, str(folder / CONFIG_NAME))
     tensors, source = _read_tensors(folder)
     factors, extra = _split_keys(tensors, source)
     if not factors:
         raise ValueError(f"Expected LoRA factors in {source}, but it holds none.")
-    modules = {name: _build_module(name, parts, config, source) for name, parts in sorted(factors.items())}
+    modules = {name: _build_module(name, parts, scaling, source) for name, parts in sorted(factors.items())}
     return LoraAdapter(config=config, modules=modules, extra=extra, path=str(folder))
 
 

@@ -4,7 +4,6 @@ merged update added, published atomically with one merge record (every input has
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,32 +20,19 @@ from lightning_merge.io.output import check_output, publish_folder
 from lightning_merge.io.record import RECORD_FILE, MergeRecord, describe_input
 from lightning_merge.io.sources import CheckpointSource, open_source
 from lightning_merge.io.writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_stream
-from lightning_merge.lora.adapter import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, LoraAdapter, PathLike
-from lightning_merge.lora.merge import merge_adapters, merge_into_base
+from lightning_merge.lora.adapter import LoraAdapter, PathLike
+from lightning_merge.lora.merge import adapter_folders, describe_adapters, merge_adapters, merge_into_base
 from lightning_merge.methods import MergeMethod, get_method
 
 
 # ---------------------------------------------------------------------------------- adapters into base weights
-def _into_base_inputs(adapters: Sequence[PathLike | LoraAdapter]) -> list[Path]:
-    """The adapter folders on disk (adapters in memory without a ``path`` have none)."""
-    folders = [a.path if isinstance(a, LoraAdapter) else a for a in adapters]
-    return [Path(folder) for folder in folders if isinstance(folder, str | os.PathLike)]
-
-
-def _adapter_files(folder: Path) -> list[Path]:
-    return [folder / name for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME) if (folder / name).is_file()]
-
-
 def _describe_into_base_inputs(base: CheckpointSource, folders: Sequence[Path], adapter: LoraAdapter,
                                input_hash: str | None) -> list[dict[str, Any]]:
     """The record's inputs: the base and every adapter folder, with file sizes and hashes."""
-    files = {"base": list(base.files()), **{str(f): _adapter_files(f) for f in folders}}
-    every = [path for paths in files.values() for path in paths]
-    hashes = {path: hash_file(path, input_hash) for path in every} if input_hash is not None else {}
-    inputs = [describe_input("base", base.name, len(base.keys()), files["base"], hashes)]
-    for folder in folders:
-        inputs.append(describe_input("adapter", str(folder), len(adapter.modules), files[str(folder)], hashes))
-    return inputs
+    files = list(base.files())
+    hashes = {path: hash_file(path, input_hash) for path in files} if input_hash is not None else {}
+    return [describe_input("base", base.name, len(base.keys()), files, hashes),
+            *describe_adapters(folders, len(adapter.modules), input_hash)]
 
 
 def _write_base_plus_update(folder: Path, base: CheckpointSource, updated: Mapping[str, Tensor],
@@ -103,7 +89,8 @@ def merge_adapters_into_base(
         dtype: of the output's floating-point weights (a torch dtype or its name); default the base's.
         compact: see :func:`merge_adapters`.
         max_shard_size: shard size limit in bytes (5 GiB by default).
-        overwrite: replace an existing ``output`` (once the new one is complete).
+        overwrite: replace an existing ``output`` that is a previous output of this library (once the new one is
+            complete; see :func:`~lightning_merge.io.output.check_output`); any other existing path is refused.
         input_hash: ``"xxh3_128"``, ``"sha256"`` or ``None`` (no hashes), as in ``merge_checkpoints``.
         progress: show a progress bar while writing.
 
@@ -111,24 +98,26 @@ def merge_adapters_into_base(
         The :class:`~lightning_merge.io.record.MergeRecord`, also saved as ``output/merge_record.json``.
 
     Raises:
-        FileExistsError: ``output`` exists and ``overwrite`` is False.
+        FileExistsError: ``output`` exists and ``overwrite`` is False. BlockingIOError: another process is writing
+            ``output``.
         ValueError, TypeError: refused adapters or method, a base that lacks an adapted weight or has another
-            shape, an output inside an input, an unknown ``dtype`` or ``input_hash``.
+            shape, an output inside or holding an input or one that may not be replaced, an unknown ``dtype`` or
+            ``input_hash``.
     """
     start = time.perf_counter()
     method, out_dtype = get_method(method), _into_base_dtype(dtype)
     check_choice("input_hash", input_hash, (*HASHES, None))
     source = open_source(base, prefix=prefix, label="base")
-    folders = _into_base_inputs(adapters)
+    folders = adapter_folders(adapters)
     root = source.root()
-    inputs = [*([root] if root is not None else []), *folders]
+    inputs = [*([root] if root is not None else []), *source.files(), *folders]
     output = check_output(output, overwrite=overwrite, inputs=inputs)
-    adapter = merge_adapters(method, adapters, compact=compact)
-    keys = set(source.keys())
-    names = [f"{name}.weight" for name in adapter.modules]
-    updated = merge_into_base(adapter, {k: source.get_tensor(k) for k in names if k in keys})
-    described = _describe_into_base_inputs(source, folders, adapter, input_hash)
-    with publish_folder(output) as tmp:
+    with publish_folder(output, overwrite=overwrite) as tmp:  # the lock, before any work
+        adapter = merge_adapters(method, adapters, compact=compact)
+        keys = set(source.keys())
+        names = [f"{name}.weight" for name in adapter.modules]
+        updated = merge_into_base(adapter, {k: source.get_tensor(k) for k in names if k in keys})
+        described = _describe_into_base_inputs(source, folders, adapter, input_hash)
         copied = _copy_model_config(source, tmp)  # first: a refused file fails before the weights are written
         files = _write_base_plus_update(tmp, source, updated, out_dtype, max_shard_size, progress)
         record = MergeRecord(
