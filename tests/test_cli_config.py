@@ -199,3 +199,62 @@ def test_defaults_are_the_python_api_defaults():
         assert defaults[key] == signature[key].default, key
     assert defaults["hash"] == signature["input_hash"].default and list(defaults["exclude"]) == list(
         signature["exclude"].default)
+
+
+# ------------------------------------------------------------------ untrusted configs (issue 17, classes 6 and 8)
+
+
+def laughs(levels: int) -> str:
+    """A billion-laughs YAML: each level an alias list of nine of the previous one (9**levels strings)."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join([*lines, f"finetuned: *a{levels - 1}", "base: base.safetensors", "method: average"]) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (laughs(6), "expected a config of at most 10000 values once aliases are expanded"),
+        ("finetuned: &a [t0.safetensors, *a]\n", "expected a config without recursive aliases"),
+        ("method: average\nrank: 1\nrank: 2\n", "expected each key once, but 'rank' is given twice"),
+        ("max-shard-size: 1MB\nmax_shard_size: 2MB\n", "expected each key once, but 'max_shard_size' is given twice"),
+        ("finetuned: " + "[" * 40 + "]" * 40 + "\n", "expected a config nested at most 16 levels deep"),
+        ("[" * 5000 + "]" * 5000 + "\n", "expected a config nested at most 16 levels deep"),
+        ("a: &a " + "[" * 12 + "]" * 12 + "\nb: " + "[" * 6 + "*a" + "]" * 6 + "\n",
+         "expected a config nested at most 16 levels deep"),
+        ("exclude: {a: 1}\n", "expected 'exclude' to be a list of patterns, but got a mapping"),
+        ("finetuned: [[t0.safetensors]]\n", "expected 'finetuned' to be a list of paths, but got a nested list"),
+        ("base: {path: base.safetensors}\n", "expected 'base' to be a path, but got a mapping"),
+        ("rank: " + "9" * 5000 + "\n", "expected values of at most 4096 characters, but the one at line 1 has 5000"),
+        ("base: !!python/object/apply:os.system [ls]\n", "could not determine a constructor"),
+        ("base: !custom x\n", "could not determine a constructor for the tag '!custom'"),
+        ("method: average\n---\nmethod: ties\n", "expected a single document"),
+        ("- base.safetensors\n", "expected --config to hold a mapping"),
+        ("exclude: ['" + "a" * 2000 + "']\n", "argument --exclude: invalid value"),
+    ],
+    ids=["billion-laughs", "recursive-alias", "duplicate-key", "duplicate-after-dash", "deep", "very-deep",
+         "deep-through-an-alias", "mapping-for-list", "nested-list", "mapping-for-path", "huge-int", "python-tag",
+         "custom-tag", "two-documents", "top-level-list", "long-pattern"],
+)
+def test_hostile_configs_are_one_line_errors_before_any_work(folder, capsys, text, message):
+    (folder / "bad.yaml").write_text(text)
+    err = one_line_error(["--config", str(folder / "bad.yaml"), "--output", str(folder / "o")], capsys)
+    assert message in err and len(err) < 600, err[:600]  # a billion laughs printed 9**6 strings before
+    assert not (folder / "o").exists()
+
+
+def test_a_config_file_over_the_size_limit_is_refused_before_it_is_read(folder, tmp_path, capsys):
+    config = relative_config(folder, method="average")
+    with open(config, "a") as handle:  # a valid config padded with comments past 1 MiB: it ran before
+        handle.write(("#" * 1023 + "\n") * 1025)
+    err = one_line_error(["--config", config], capsys)
+    assert "expected a file of at most 1048576 bytes" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_null_output_is_not_set_and_makes_no_folder(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = write_config(folder / "null.yaml", base="base.safetensors", finetuned=["t0.safetensors"],
+                          method="average", output=None)
+    assert "the following arguments are required: --output" in one_line_error(["--config", config], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpts"] and not (folder / "None").exists()

@@ -105,7 +105,7 @@ def test_plan_missing_key_names_key_file_and_hint(models):
     base, tuned = models
     del tuned[1]["norm.weight"]
     sources = [open_source(t, label=f"ft{i}.ckpt") for i, t in enumerate(tuned)]
-    msg = (r"Key 'norm.weight' of the base 'base' is missing in the fine-tuned checkpoint 'ft1.ckpt' \(1 of 7"
+    msg = (r"Key 'norm.weight' of the base 'base' is missing in the fine-tuned checkpoint 'ft1.ckpt' \(1 of 6"
            r".*HINT: exclude")
     with pytest.raises(ValueError, match=msg):
         plan_merge(open_source(base, label="base"), sources)
@@ -134,7 +134,7 @@ def test_plan_extra_key_and_wrong_prefix(models):
         plan_merge(open_source(base), [open_source(tuned[0], label="ft")])
     assert "adapter.weight" in plan_merge(open_source(base), [open_source(tuned[0])], strict=False).skipped
     prefixed = open_source(tuned[1], add_prefix="model.", label="ft")
-    msg = r"\(7 of 7 base keys are missing there\)\. HINT: .*prefix='model\.'.* \(\d+ more"
+    msg = r"\(6 of 6 base parameters are missing there\)\. HINT: .*prefix='model\.'.* \(\d+ more"
     with pytest.raises(ValueError, match=msg):
         plan_merge(open_source(base), [prefixed])
 
@@ -302,7 +302,12 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, models):
     with pytest.raises(FileExistsError, match=r"'.*out' already exists\. HINT: pass overwrite=True"):
         merge_checkpoints("average", base, tuned, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    merge_checkpoints("average", base, tuned, tmp_path / "out", overwrite=True, progress=False)
+    with pytest.raises(ValueError, match=r"'.*out' holds no merge_record.json; overwrite=True replaces only"):
+        merge_checkpoints("average", base, tuned, tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"  # a folder of the user's files is never replaced
+    (tmp_path / "out" / "keep.txt").unlink()
+    merge_checkpoints("average", base, tuned, tmp_path / "out", overwrite=True, progress=False)  # empty: replaced
+    merge_checkpoints("average", base, tuned, tmp_path / "out", overwrite=True, progress=False)  # its own output
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["merge_record.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -333,9 +338,9 @@ def test_output_inside_inputs_or_a_file_name_is_refused(tmp_path, on_disk):
 def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch, on_disk, error, existing):
     base_path, tuned_paths = on_disk
     before = file_digests([base_path, *tuned_paths])
-    if existing:
-        (tmp_path / "out").mkdir()
-        (tmp_path / "out" / "old.txt").write_text("previous merge")
+    if existing:  # a previous merge: the only kind of folder overwrite=True replaces
+        merge_checkpoints("average", base_path, tuned_paths, tmp_path / "out", progress=False)
+    previous = file_digests(sorted((tmp_path / "out").iterdir())) if existing else None
     calls = []
     merge = TaskArithmetic.__call__
 
@@ -351,7 +356,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, monkeypatch, on_disk, error,
     assert len(calls) == 3
     assert file_digests([base_path, *tuned_paths]) == before
     if existing:
-        assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
+        assert file_digests(sorted((tmp_path / "out").iterdir())) == previous
     else:
         assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -457,3 +462,48 @@ def test_task_matrices_give_m_once_for_every_scaling(name):
         expected = getattr(F, name)([t[key] - base[key] for t in tuned], scaling=1.0)
         assert torch.allclose(m[key], expected, atol=1e-6)
         assert torch.allclose(base[key] + 0.4 * m[key], method(base[key], [t[key] for t in tuned]), atol=1e-6)
+
+
+def test_placed_writes_in_any_order_give_the_streamed_files_byte_for_byte(tmp_path):
+    """ShardLayout + write_placed (what each rank of a many-process merge does), keys written in reverse order and
+    in two separate calls (two ranks): the same files as write_stream, byte for byte (index included)."""
+    from lightning_merge.io.writer import ShardLayout, specs_of, write_placed, write_stream
+
+    g = torch.Generator().manual_seed(3)
+    state = {f"k{i}": torch.randn(5 + i, 3, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+             for i in range(7)} | {"ids": torch.arange(4), "empty": torch.zeros(0)}
+    (tmp_path / "stream").mkdir()
+    (tmp_path / "placed").mkdir()
+    streamed = write_stream(tmp_path / "stream", specs_of(state), state.items(), max_shard_size=100)
+    layout = ShardLayout(specs_of(state), max_shard_size=100)
+    assert layout.create(tmp_path / "placed") == streamed == layout.files
+    items = list(state.items())[::-1]
+    write_placed(tmp_path / "placed", layout, items[::2])
+    write_placed(tmp_path / "placed", layout, items[1::2])
+    assert len(streamed) > 2
+    for name in streamed:
+        assert (tmp_path / "placed" / name).read_bytes() == (tmp_path / "stream" / name).read_bytes(), name
+    with pytest.raises(ValueError, match="Expected key 'k0' to be a tensor of shape"):
+        write_placed(tmp_path / "placed", layout, [("k0", torch.zeros(2))])
+    with pytest.raises(ValueError, match="Expected a key of the output layout"):
+        write_placed(tmp_path / "placed", layout, [("nope", torch.zeros(2))])
+
+
+def test_balance_splits_every_index_once_within_four_thirds_of_the_best_split():
+    """Against the best split found by brute force: every index in exactly one share, each share in index order,
+    the largest load at most 4/3 of the optimum (Graham's bound for longest-processing-time-first)."""
+    import itertools
+
+    from lightning_merge.engine.shard import balance
+
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        n, ranks = 3 + trial % 6, 2 + trial % 2
+        costs = [float(c) for c in torch.randint(1, 50, (n,), generator=g)]
+        shares = balance(costs, ranks)
+        assert sorted(i for share in shares for i in share) == list(range(n))
+        assert all(share == sorted(share) for share in shares)
+        best = min(max(sum(c for c, r in zip(costs, who, strict=True) if r == k) for k in range(ranks))
+                   for who in itertools.product(range(ranks), repeat=n))
+        assert max(sum(costs[i] for i in share) for share in shares) <= 4 / 3 * best + 1e-9
+    assert balance([], 3) == [[], [], []]

@@ -31,12 +31,18 @@ The parser is jsonargparse's (the one ``LightningCLI`` uses):
   ``--merge-into-base`` into the ``--base`` weights (:func:`~lightning_merge.lora.merge_adapters_into_base`);
   ``--base`` is then needed only for ``--merge-into-base``.
 
+Many processes: ``torchrun --nproc-per-node N -m lightning_merge ...`` (or ``lightning-merge`` under ``srun``, with
+``MASTER_ADDR`` and ``MASTER_PORT`` exported) merges on ``N`` ranks into one output, bitwise the one-process output
+(see :func:`run`); ``--device cuda`` is each rank's local GPU. A rank that stopped because another failed prints
+``lightning-merge: error: rank R failed: <its message>`` and exits with code 1; only rank 0 prints the summary.
+
 Bad input (an unknown key, a value of the wrong type, a missing file...) ends with one line
 ``lightning-merge: error: <reason>`` on stderr, naming the key, and exit code 2; Ctrl-C with exit code 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -56,7 +62,8 @@ from lightning_merge.cli.parser import (
     parse_size,
 )
 from lightning_merge.engine import DTYPES, merge_checkpoints
-from lightning_merge.io.output import check_output
+from lightning_merge.engine.distributed import Launch, RankFailedError, launch_from_env, session
+from lightning_merge.functional._checks import HintedError
 from lightning_merge.lora import merge_adapters, merge_adapters_into_base
 
 __all__ = ["build_compress_parser", "build_parser", "main", "parse_args", "parse_size", "run", "run_compress"]
@@ -71,25 +78,46 @@ def _shown(output: str) -> str:
 
 
 def run(cfg: Namespace) -> str:
-    """Run the merge described by parsed arguments; returns the one-line summary."""
+    """Run the merge described by parsed arguments; returns the one-line summary (empty on ranks but 0).
+
+    Launched in many processes (``torchrun``, SLURM: :func:`~lightning_merge.engine.distributed.launch_from_env`),
+    every rank merges its share of the keys into the one output (``merge_checkpoints(..., distributed=True)``);
+    the summary then names the number of ranks. Adapters (merged in memory, in one step) are refused there.
+    """
     check_required(cfg)
+    launch = launch_from_env()
     if _adapter_inputs(cfg.finetuned):
+        _check_one_process(launch, "merging peft adapters")
         return run_adapters(cfg)
     for flag in ("merge_into_base", "compact"):
         if cfg[flag]:
             raise ValueError(f"--{flag.replace('_', '-')} applies to peft adapter folders only, but --finetuned"
                              " holds checkpoints.")
-    record = merge_checkpoints(
-        method_from(cfg), cfg.base, cfg.finetuned, cfg.output, exclude=cfg.exclude, strict=cfg.strict,
-        device=cfg.device, dtype=cfg.dtype, overwrite=cfg.overwrite, progress=not cfg.quiet,
-        max_shard_size=cfg.max_shard_size, prefix=cfg.prefix, base_prefix=cfg.base_prefix,
-        input_hash=None if cfg.hash == "none" else cfg.hash,
-    )
+    with contextlib.ExitStack() as stack:
+        device = cfg.device if launch is None else stack.enter_context(session(launch, cfg.device))
+        record = merge_checkpoints(
+            method_from(cfg), cfg.base, cfg.finetuned, cfg.output, exclude=cfg.exclude, strict=cfg.strict,
+            device=device, dtype=cfg.dtype, overwrite=cfg.overwrite, progress=not cfg.quiet,
+            max_shard_size=cfg.max_shard_size, prefix=cfg.prefix, base_prefix=cfg.base_prefix,
+            input_hash=None if cfg.hash == "none" else cfg.hash, distributed=launch is not None,
+        )
+    if launch is not None and launch.rank != 0:
+        return ""  # the summary is rank 0's
+    ranks = "" if launch is None else f" on {launch.world_size} ranks"
     return (
         f"merged {len(record.merged_keys)} keys of {len(cfg.finetuned)} checkpoints with {record.method} into"
         f" {_shown(cfg.output)} ({len(record.excluded_keys)} excluded, {len(record.skipped)} skipped) in"
-        f" {record.seconds:.1f} s"
+        f" {record.seconds:.1f} s{ranks}"
     )
+
+
+def _check_one_process(launch: Launch | None, what: str) -> None:
+    """Refuse a launch of many processes for ``what``, which runs in one (every rank would write the output)."""
+    if launch is not None:
+        raise ValueError(
+            f"Expected one process for {what}, but this is rank {launch.rank} of {launch.world_size} (WORLD_SIZE or"
+            " SLURM_NTASKS). HINT: run it without torchrun or srun; only merging checkpoints uses many processes."
+        )
 
 
 def _adapter_inputs(paths: Sequence[str]) -> bool:
@@ -118,10 +146,9 @@ def run_adapters(cfg: Namespace) -> str:
         )
         return (f"merged {len(record.merged_keys)} LoRA modules of {len(cfg.finetuned)} adapters with"
                 f" {method.name} into {_shown(cfg.output)} (the base weights plus the merged update)")
-    output = check_output(cfg.output, overwrite=cfg.overwrite, inputs=cfg.finetuned)
     dtype = DTYPES[cfg.dtype] if cfg.dtype is not None else None
-    adapter = merge_adapters(method, cfg.finetuned, dtype=dtype, compact=cfg.compact)
-    adapter.save(output)
+    adapter = merge_adapters(method, cfg.finetuned, cfg.output, dtype=dtype, compact=cfg.compact,
+                             overwrite=cfg.overwrite, input_hash=None if cfg.hash == "none" else cfg.hash)
     return (
         f"merged {len(adapter.modules)} LoRA modules of {len(cfg.finetuned)} adapters with {method.name} into"
         f" {_shown(cfg.output)} (a peft adapter, rank <= {max(m.rank for m in adapter.modules.values())})"
@@ -141,7 +168,8 @@ def _check_adapter_args(cfg: Namespace) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    shown = err.render("command") if isinstance(err, HintedError) else str(err)  # hints name the flags
+    text = " ".join(shown.split()) or type(err).__name__
     return text.strip("'\"") if isinstance(err, KeyError) else text
 
 
@@ -160,14 +188,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _error(str(err))
     logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO, format=f"{PROG}: %(message)s")
     try:
-        summary = run_compress(cfg) if cfg.get("command") == "compress" else run(cfg)
+        summary = _compress(cfg) if cfg.get("command") == "compress" else run(cfg)
     except (ValueError, TypeError, KeyError, OSError) as err:
         return _error(_one_line(err))
+    except RankFailedError as err:  # this rank stopped because another one failed: exit 1, its message repeated
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output was written", file=sys.stderr)
         return 130
-    if not cfg.quiet:
+    if not cfg.quiet and summary:
         print(summary)
     return 0
+
+
+def _compress(cfg: Namespace) -> str:
+    _check_one_process(launch_from_env(), "compress")
+    return run_compress(cfg)
 
 

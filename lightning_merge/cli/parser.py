@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace, set_loader
 
+from lightning_merge.cli.mergekit import MergekitError, from_mergekit, is_mergekit
 from lightning_merge.engine import DTYPES, merge_checkpoints
 from lightning_merge.io.hashing import HASHES
 from lightning_merge.lora import CONFIG_NAME, merge_adapters
@@ -84,7 +85,19 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+#: the longest ``--exclude`` pattern: a key pattern, not a program (the glob or regex runs on every key)
+MAX_PATTERN_CHARS = 1024
+
+
+def _pattern(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_PATTERN_CHARS:
+        shown = f"{len(value)} characters" if isinstance(value, str) and value else repr(value)
+        raise ValueError(f"expected a pattern of 1 to {MAX_PATTERN_CHARS} characters, but got {shown}")
+    return value
+
+
 PATH, SIZE, BOOL = _Type("path", _absolute), _Type("size", parse_size), _Type("bool", _boolean)
+PATTERN = _Type("pattern", _pattern)
 
 
 class _Switch(argparse.Action):
@@ -99,10 +112,90 @@ class _Switch(argparse.Action):
         setattr(namespace, self.dest, not str(option_string).startswith("--no-"))
 
 
+class ConfigError(yaml.YAMLError):
+    """A ``--config`` text refused before jsonargparse sees it (jsonargparse reports it as a config problem)."""
+
+
+#: bounds on an untrusted ``--config``: its size, its nodes once aliases are expanded, how deep it nests, and the
+#: length of one value (a path of PATH_MAX; below Python's 4300-digit limit on converting ints)
+MAX_CONFIG_BYTES, MAX_CONFIG_NODES, MAX_CONFIG_DEPTH, MAX_VALUE_CHARS = 2**20, 10_000, 16, 4096
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_duplicates(node: yaml.Node, top: bool) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge"]
+    keys = [k.replace("-", "_") for k in keys] if top else keys  # top-level names: `-` is read as `_`
+    duplicate = next((k for k in keys if keys.count(k) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"expected each key once, but {duplicate!r} is given twice")
+
+
+def _check_nodes(node: yaml.Node, seen: dict[int, tuple[int, int]], path: tuple[int, ...] = ()) -> tuple[int, int]:
+    """``(nodes, height)`` of the tree under ``node`` with aliases expanded, refusing duplicate keys, recursive
+    aliases, deep nesting and too many nodes. Each node is visited once (``seen``), so a billion laughs costs its
+    size on disk, not its expansion."""
+    if id(node) in path:
+        raise ConfigError("expected a config without recursive aliases (an alias inside its own anchor)")
+    if isinstance(node, yaml.ScalarNode) and len(node.value) > MAX_VALUE_CHARS:
+        raise ConfigError(f"expected values of at most {MAX_VALUE_CHARS} characters, but the one at line"
+                          f" {node.start_mark.line + 1} has {len(node.value)}")
+    if id(node) not in seen:
+        _check_duplicates(node, top=not path)
+        below = [_check_nodes(child, seen, (*path, id(node))) for child in _children(node)]
+        seen[id(node)] = (1 + sum(n for n, _ in below), 1 + max((h for _, h in below), default=0))
+    nodes, height = seen[id(node)]
+    if len(path) + height > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"expected a config nested at most {MAX_CONFIG_DEPTH} levels deep")
+    if nodes > MAX_CONFIG_NODES:
+        raise ConfigError(f"expected a config of at most {MAX_CONFIG_NODES} values once aliases are expanded")
+    return nodes, height
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    """Refuse, naming the key, a mapping or a nested list where the command takes a value or a list of values."""
+    for key, value in data.items():
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, dict | list) for item in items):
+            shown = "a mapping" if isinstance(value, dict) else "a nested list"
+            raise ConfigError(f"expected {key!r} to be {_EXPECTED.get(key, 'a value')}, but got {shown}")
+
+
 def _load_yaml(text: str) -> Any:
-    """jsonargparse's loader for config files and values: YAML, with ``-`` in top-level names read as ``_``."""
-    data = yaml.safe_load(text)
-    return {str(k).replace("-", "_"): v for k, v in data.items()} if isinstance(data, dict) else data
+    """jsonargparse's loader for config files and values: safe YAML, bounded (:data:`MAX_CONFIG_BYTES`,
+    :data:`MAX_CONFIG_NODES`, :data:`MAX_CONFIG_DEPTH`), duplicate keys refused, ``-`` in top-level names read as
+    ``_``; a mapping with ``merge_method`` is a mergekit config, translated
+    (:func:`~lightning_merge.cli.mergekit.from_mergekit`)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"expected a config of at most {MAX_CONFIG_BYTES} bytes, but got {len(text)}")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _check_nodes(node, {})
+        data = None if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"expected a config nested at most {MAX_CONFIG_DEPTH} levels deep") from None
+    except ValueError as err:  # a value the YAML constructor cannot convert, e.g. a date out of range
+        raise ConfigError(" ".join(str(err).split())) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        return data
+    if is_mergekit(data):
+        try:
+            return from_mergekit(data)
+        except MergekitError as err:
+            raise ConfigError(str(err)) from None
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    _check_values(data)
+    return data
 
 
 set_loader(_YAML_MODE, _load_yaml, exceptions=(yaml.YAMLError,))
@@ -216,7 +309,7 @@ def _add_io_arguments(parser: ArgumentParser) -> None:
          default=None, help="the merge method (required); unsets the earlier options it does not take")
     _add(parser, "--output", "a path", type=PATH, default=None,
          help="output folder: model.safetensors (sharded above --max-shard-size) + merge_record.json (required)")
-    _add(parser, "--exclude", "a list of patterns", type=str, nargs="+", metavar="PATTERN",
+    _add(parser, "--exclude", "a list of patterns", type=PATTERN, nargs="+", metavar="PATTERN",
          default=list(_default("exclude")),
          help="task-specific keys never merged (copied from the base): globs such as 'head.*', or 're:<regex>'")
     _add(parser, "--prefix", "a string or null", type=str | None, default=_default("prefix"),
@@ -298,6 +391,15 @@ def _usage_message(text: str) -> str:
     return f"argument --{key.replace('_', '-')}: invalid value{shown}: expected {key!r} to be {_EXPECTED[key]}"
 
 
+def _check_config_sizes(argv: Sequence[str]) -> None:
+    """Refuse a ``--config`` file over :data:`MAX_CONFIG_BYTES` before jsonargparse reads all of it."""
+    for flag, value in zip(argv, [*argv[1:], ""], strict=True):
+        path = value if flag == "--config" else flag[len("--config="):] if flag.startswith("--config=") else None
+        if path and os.path.isfile(path) and os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise UsageError(f"cannot read --config: expected a file of at most {MAX_CONFIG_BYTES} bytes, but"
+                             f" {path!r} has {os.path.getsize(path)}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Namespace:
     """Parse a command line (without the program name): an optional command name (``merge``, the default, or
     ``compress``, whose namespace has ``command="compress"``), then its options.
@@ -309,6 +411,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else "merge"  # no command name: `merge`
     argv = argv[1:] if argv and argv[0] in COMMANDS else argv
+    _check_config_sizes(argv)
     try:
         if command == "compress":
             from lightning_merge.cli.compress import build_compress_parser  # it imports this module

@@ -3,9 +3,10 @@
 Data flows one way: checkpoint sources (:mod:`lightning_merge.io`) -> this per-key loop -> a method object
 (:mod:`lightning_merge.methods`, the math). One module per stage: :mod:`~lightning_merge.engine.plan` (which keys are
 merged, checked up front), :mod:`~lightning_merge.engine.shard` (which rank merges which keys),
-:mod:`~lightning_merge.engine.stream` (the per-key merge) and :mod:`~lightning_merge.engine.checkpoints` (the merge
-to disk). At most the inputs of two keys are held at once, and the output is streamed to disk as it is produced, so
-memory stays bounded by the largest parameter, not by the model size times ``T``. Never imports Lightning.
+:mod:`~lightning_merge.engine.stream` (the per-key merge), :mod:`~lightning_merge.engine.checkpoints` (the merge
+to disk) and :mod:`~lightning_merge.engine.distributed` (the same merge split across the processes of ``torchrun``).
+At most the inputs of two keys are held at once, and the output is streamed to disk as it is produced, so memory stays
+bounded by the largest parameter, not by the model size times ``T``. Never imports Lightning.
 
 Example:
     >>> import torch

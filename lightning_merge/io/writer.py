@@ -7,6 +7,10 @@ little-endian data) with ``{"format": "pt"}`` metadata so ``transformers`` loads
 ``max_shard_size`` bytes the output is sharded as ``model-00001-of-0000N.safetensors`` with a Hugging Face
 ``model.safetensors.index.json``.
 
+:class:`ShardLayout` is the same layout as byte offsets, for writers that do not write in order: several processes
+of one merge (``torchrun``) each write their own tensors at their places in files created once
+(:meth:`ShardLayout.create`, :func:`write_placed`), and the bytes are those :class:`SafetensorsWriter` writes.
+
 Example:
     >>> import tempfile
     >>> from lightning_merge.io import open_source
@@ -36,7 +40,7 @@ from torch import Tensor
 from lightning_merge.functional._checks import check_positive_int, numel
 from lightning_merge.io.sources import HF_SAFETENSORS, HF_SAFETENSORS_INDEX, SAFETENSORS_DTYPES
 
-__all__ = ["SafetensorsWriter", "TensorSpec", "plan_shards", "save_state_dict"]
+__all__ = ["SafetensorsWriter", "ShardLayout", "TensorSpec", "plan_shards", "save_state_dict", "write_placed"]
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
@@ -164,16 +168,96 @@ class SafetensorsWriter:
         return list(self.names)
 
     def _write_index(self) -> None:
-        weight_map = {spec.key: name for name, shard in zip(self.names, self.shards, strict=True) for spec in shard}
-        total = sum(spec.nbytes for shard in self.shards for spec in shard)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.folder / HF_SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_index(self.folder, self.names, self.shards)
 
     def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._close_file()
+
+
+def _write_index(folder: Path, names: Sequence[str], shards: Sequence[Sequence[TensorSpec]]) -> None:
+    weight_map = {spec.key: name for name, shard in zip(names, shards, strict=True) for spec in shard}
+    total = sum(spec.nbytes for shard in shards for spec in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / HF_SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+class ShardLayout:
+    """Where every tensor of ``specs`` lies in the output files: the shards of :class:`SafetensorsWriter` (same
+    names, headers and order), as a file and a byte offset per key, fixed before any tensor exists.
+
+    :meth:`create` writes each shard's header and sizes the file (the data left as a hole), plus the index when
+    sharded; then any process may write any tensor at its place (:func:`write_placed`), in any order. Once every
+    tensor is written, the files are byte for byte those :func:`write_stream` writes.
+    """
+
+    def __init__(self, specs: Sequence[TensorSpec], *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.shards = plan_shards(list(specs), max_shard_size)
+        self.names = shard_names(len(self.shards))
+        headers = [_header(shard, {"format": "pt", **(metadata or {})}) for shard in self.shards]
+        self._headers = headers
+        self.places: dict[str, tuple[str, int, TensorSpec]] = {}
+        for name, header, shard in zip(self.names, headers, self.shards, strict=True):
+            offset = len(header)
+            for spec in shard:
+                self.places[spec.key] = (name, offset, spec)
+                offset += spec.nbytes
+
+    @property
+    def files(self) -> list[str]:
+        """The file names the layout writes: the shards, then the index when sharded."""
+        return [*self.names, HF_SAFETENSORS_INDEX] if len(self.shards) > 1 else list(self.names)
+
+    def create(self, folder: str | os.PathLike) -> list[str]:
+        """Write every shard's header, size each file to its full length, write the index; returns :attr:`files`."""
+        folder = Path(folder)
+        for name, header, shard in zip(self.names, self._headers, self.shards, strict=True):
+            with open(folder / name, "wb") as file:
+                file.write(header)
+                file.truncate(len(header) + sum(spec.nbytes for spec in shard))
+        if len(self.shards) > 1:
+            _write_index(folder, self.names, self.shards)
+        return self.files
+
+
+def write_placed(folder: str | os.PathLike, layout: ShardLayout, tensors: Iterable[tuple[str, Tensor]]) -> None:
+    """Write ``(key, tensor)`` pairs at their places in the files :meth:`ShardLayout.create` made in ``folder``.
+
+    Each tensor is checked against its spec before any byte is written, and written (``os.pwrite``) in a worker
+    thread while the next one is produced, as in :func:`write_stream`. Other processes may write other keys of the
+    same files at the same time: the byte ranges are disjoint.
+    """
+    folder = Path(folder)
+    fds: dict[str, int] = {}
+
+    def write(key: str, tensor: Tensor) -> None:
+        if key not in layout.places:
+            raise ValueError(f"Expected a key of the output layout of {str(folder)!r}, but got {key!r}.")
+        name, offset, spec = layout.places[key]
+        _check_against_spec(key, tensor, spec)
+        if name not in fds:
+            fds[name] = os.open(folder / name, os.O_WRONLY)
+        data = _tensor_bytes(tensor)
+        while data:  # pwrite may write less than asked (e.g. large writes on Linux stop at about 2 GiB)
+            written = os.pwrite(fds[name], data, offset)
+            data, offset = data[written:], offset + written
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning-merge-write") as pool:
+            pending: Future[None] | None = None
+            for key, tensor in tensors:
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, key, tensor)
+                del tensor
+            if pending is not None:
+                pending.result()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _check_against_spec(key: str, tensor: Tensor, spec: TensorSpec) -> None:
