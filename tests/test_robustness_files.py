@@ -27,23 +27,6 @@ from tests._robustness_helpers import FullDisk, ShellPayload, TouchPayload, sha2
 PAYLOADS = [TouchPayload, ShellPayload]
 
 
-@pytest.fixture
-def inputs(tmp_path):
-    """A base and two fine-tuned safetensors files in ``tmp_path/in``; yields the folder, then checks that no
-    test changed a byte of it."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(16, 8, generator=g), "b": torch.randn(16, generator=g)}
-    save_file(base, str(folder / "base.safetensors"))
-    for t in range(2):
-        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
-                  str(folder / f"t{t}.safetensors"))
-    before = sha256_tree(folder)
-    yield folder
-    assert sha256_tree(folder) == before
-
-
 def merge_into(out, folder, *finetuned, **kwargs):
     finetuned = finetuned or (folder / "t0.safetensors", folder / "t1.safetensors")
     return merge_checkpoints("tsv_m", folder / "base.safetensors", list(finetuned), out, progress=False, **kwargs)

@@ -24,25 +24,8 @@ from safetensors.torch import save_file
 from lightning_merge.cli import main
 from lightning_merge.engine import merge_checkpoints, plan_merge
 from lightning_merge.io import open_source
-from tests._robustness_helpers import sha256_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def inputs(tmp_path):
-    """A base and two fine-tunes (safetensors) in ``tmp_path/in``; checks afterwards that no byte of them changed."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(16, 8, generator=g), "b": torch.randn(16, generator=g)}
-    save_file(base, str(folder / "base.safetensors"))
-    for t in range(2):
-        save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()},
-                  str(folder / f"t{t}.safetensors"))
-    before = sha256_tree(folder)
-    yield folder
-    assert sha256_tree(folder) == before
 
 
 def cli_error(argv, capsys) -> str:
