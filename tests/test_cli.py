@@ -138,7 +138,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, files, capsys, extra, message):
 def test_bad_files_are_one_line_errors(tmp_path, files, capsys):
     argv = [*files["argv"], "--method", "average", "--exclude", "head.*"]
     missing = [a if not a.endswith("t1.ckpt") else str(tmp_path / "nope.ckpt") for a in argv]
-    assert "nope.ckpt' (not found)" in run_error(missing, capsys)
+    err = run_error(missing, capsys)  # names which input it is, not the library's internal `src`
+    assert "nope.ckpt' (not found)" in err and "`finetuned[1]`" in err, err
     (tmp_path / "evil.ckpt").write_bytes(
         b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94.")
     evil = [a if not a.endswith("t1.ckpt") else str(tmp_path / "evil.ckpt") for a in argv]

@@ -152,12 +152,12 @@ class PrefixedSource(MappedSource):
         return self.source.location(stored)
 
 
-def _open_path(path: Path) -> Callable[..., MappedSource]:
+def _open_path(path: Path, argument: str) -> Callable[..., MappedSource]:
     if path.is_dir():
         return HFFolderSource
     if not path.exists():
         raise FileNotFoundError(
-            f"Expected argument `src` to be an existing checkpoint file or model folder, but got"
+            f"Expected argument `{argument}` to be an existing checkpoint file or model folder, but got"
             f" {str(path)!r}"
             " (not found)."
         )
@@ -179,7 +179,8 @@ def open_source(
             state dicts), an in-memory state dict, or a source (returned as is unless a prefix is given).
         prefix: strip this prefix, e.g. ``"model."``; keys without it are hidden.
         add_prefix: prepend this prefix to every key (after stripping ``prefix``).
-        label: the name of an in-memory state dict in messages (default ``"<state_dict>"``).
+        label: the name of an in-memory state dict in messages (default ``"<state_dict>"``), and the argument named
+            when a path does not exist (``"finetuned[1]"``; default ``"src"``).
 
     Raises:
         FileNotFoundError: ``src`` is a path that does not exist.
@@ -190,9 +191,10 @@ def open_source(
         return PrefixedSource(src, prefix=prefix, add_prefix=add_prefix) if prefix or add_prefix else src
     if isinstance(src, Mapping):
         return StateDictSource(src, label or "<state_dict>", prefix=prefix, add_prefix=add_prefix)
+    argument = label or "src"
     if not isinstance(src, str | os.PathLike):
         raise TypeError(
-            "Expected argument `src` to be a path, a state dict or a CheckpointSource, but got"
+            f"Expected argument `{argument}` to be a path, a state dict or a CheckpointSource, but got"
             f" {type(src).__name__}."
         )
-    return _open_path(Path(src))(Path(src), prefix=prefix, add_prefix=add_prefix)
+    return _open_path(Path(src), argument)(Path(src), prefix=prefix, add_prefix=add_prefix)
