@@ -65,11 +65,11 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def slurm_ranks(args_per_rank: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    """Start one ``lightning-merge`` per rank as SLURM would (``SLURM_NTASKS``, ``SLURM_PROCID``, ...)."""
+    """Start one ``lightning-merge`` per rank as ``srun`` would (``SLURM_STEP_NUM_TASKS``, ``SLURM_PROCID``, ...)."""
     port, n = str(free_port()), len(args_per_rank)
     procs = [subprocess.Popen([sys.executable, "-m", "lightning_merge.cli", *args], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env=child_env(SLURM_NTASKS=str(n), SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
+                              env=child_env(SLURM_STEP_NUM_TASKS=str(n), SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r, args in enumerate(args_per_rank)]
     results = []
@@ -165,12 +165,16 @@ def test_error_mid_merge_on_one_rank_stops_every_rank(tmp_path):
 
 
 def test_launch_from_env(monkeypatch):
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                 "SLURM_LOCALID"):
         monkeypatch.delenv(name, raising=False)
     assert launch_from_env() is None
-    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # a batch script's allocation, the command run without srun
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert launch_from_env() is None  # one process, not rank 0 of 8 waiting for peers
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
     assert launch_from_env() is None  # one task: one process
-    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.delenv("MASTER_ADDR", raising=False)

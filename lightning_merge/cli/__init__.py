@@ -116,7 +116,8 @@ def _check_one_process(launch: Launch | None, what: str) -> None:
     if launch is not None:
         raise ValueError(
             f"Expected one process for {what}, but this is rank {launch.rank} of {launch.world_size} (WORLD_SIZE or"
-            " SLURM_NTASKS). HINT: run it without torchrun or srun; only merging checkpoints uses many processes."
+            " SLURM_STEP_NUM_TASKS). HINT: run it without torchrun or srun; only merging checkpoints uses many"
+            " processes."
         )
 
 

@@ -3,9 +3,9 @@
 This stage owns what a merge in ``N`` processes (``torchrun``, SLURM) needs beyond one process:
 
 * :func:`launch_from_env` reads a launched run from the environment (``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` as
-  ``torchrun`` sets them, else ``SLURM_NTASKS``/``SLURM_PROCID``/``SLURM_LOCALID``), and :func:`session` initialises
-  the default process group when it is not yet (and destroys it after, if it made it) and gives each rank its device
-  (``cuda`` means ``cuda:LOCAL_RANK``).
+  ``torchrun`` sets them, else ``SLURM_STEP_NUM_TASKS``/``SLURM_PROCID``/``SLURM_LOCALID`` as ``srun`` sets them),
+  and :func:`session` initialises the default process group when it is not yet (and destroys it after, if it made
+  it) and gives each rank its device (``cuda`` means ``cuda:LOCAL_RANK``).
 * :class:`Ranks` is this merge's view of the group. :meth:`Ranks.agree` runs one step on every rank and then
   exchanges each rank's error (or result), so that every rank leaves a step together: the failing rank with its own
   error, the others with a :class:`RankFailedError` that names the failing rank and repeats its message. A rank never
@@ -76,15 +76,18 @@ def _env_int(names: tuple[str, ...]) -> tuple[str, int] | None:
 def launch_from_env() -> Launch | None:
     """The launch described by the environment, or ``None`` for one process.
 
-    ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (``torchrun``) win over ``SLURM_NTASKS``, ``SLURM_PROCID`` and
-    ``SLURM_LOCALID``; a world of one process is ``None``. Under SLURM, ``MASTER_ADDR`` and ``MASTER_PORT`` must be
-    set too (the address of the first task's host, a free port), as for any ``torch.distributed`` program.
+    ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` (``torchrun``) win over ``SLURM_STEP_NUM_TASKS``, ``SLURM_PROCID``
+    and ``SLURM_LOCALID``; a world of one process is ``None``. **(choice)** The size of the ``srun`` step, not of the
+    allocation (``SLURM_NTASKS``): a batch script of ``--ntasks=8`` that runs ``lightning-merge`` itself, without
+    ``srun``, is one process, not rank 0 of 8 waiting for peers that never start. Under SLURM, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` must be set too (the address of the first task's host, a free port), as for any
+    ``torch.distributed`` program.
 
     Raises:
         ValueError: a variable that is not an int, a rank outside ``[0, world size)``, or (SLURM) no
             ``MASTER_ADDR``/``MASTER_PORT``.
     """
-    world = _env_int(("WORLD_SIZE", "SLURM_NTASKS"))
+    world = _env_int(("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"))
     if world is None or world[1] <= 1:
         return None
     rank = _env_int(("RANK",) if world[0] == "WORLD_SIZE" else ("SLURM_PROCID",))
