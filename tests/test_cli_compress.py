@@ -86,6 +86,7 @@ def test_config_file_and_print_config(tmp_path, files, capsys):
         (["--names", "a", "../b"], "task name 1 to be a name without path separators"),
         (["--names", "x", "X"], "distinct task names"),
         (["--bogus", "1"], "bogus"),
+        (["--exclude", "a" * 2000], "argument --exclude: invalid value"),  # a key pattern, not a program
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(tmp_path, files, capsys, extra, match):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
-from lightning_merge.cli.parser import _YAML_MODE, PATH, PROG, UsageError, _add, _Switch
+from lightning_merge.cli.parser import _YAML_MODE, PATH, PATTERN, PROG, UsageError, _add, _Switch
 from lightning_merge.compress import compress_checkpoints
 from lightning_merge.compress.layout import FORMATS
 from lightning_merge.functional._checks import Rank
@@ -42,7 +42,7 @@ def _add_inputs(parser: ArgumentParser) -> None:
          help="one task name per --finetuned path: the output's folder names (default: the files' stems)")
     _add(parser, "--output", "a path", type=PATH, default=None,
          help="output folder: <task>/ per task + merge_record.json (required)")
-    _add(parser, "--exclude", "a list of patterns", type=str, nargs="+", metavar="PATTERN", default=[],
+    _add(parser, "--exclude", "a list of patterns", type=PATTERN, nargs="+", metavar="PATTERN", default=[],
          help="keys not compressed and not stored (e.g. task heads): globs such as 'head.*', or 're:<regex>'")
     _add(parser, "--prefix", "a string or null", type=str | None, default=None,
          help="key prefix stripped from every checkpoint, e.g. 'model.' for LightningModule .ckpt files")
