@@ -1,11 +1,13 @@
 """The merge core against naive float64 references (tests/reference.py) and the properties of METHODS.md."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from lightning_merge import functional as F
-from lightning_merge.functional import _checks, svd
+from lightning_merge.functional import _checks, merges, svd
 from tests import reference as ref
 
 f64 = torch.float64
@@ -97,6 +99,50 @@ def test_ties_matches_naive_reference(density):
     deltas = [torch.randn(7, 5, dtype=f64) for _ in range(4)]
     expected = ref.ties([d.numpy() for d in deltas], density).reshape(7, 5)
     assert np.allclose(F.ties(deltas, density=density).numpy(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.1, 0.37, 0.5, 0.9])
+def test_ties_breaks_ties_at_the_cut_off_in_index_order_across_chunks(monkeypatch, dtype, density):
+    # integer-valued task vectors tie everywhere (as bf16 ones do); chunks of 7 entries split runs of equal
+    # magnitudes, so the count of cut-off entries still to keep must carry from chunk to chunk
+    monkeypatch.setattr(merges, "TIES_CHUNK", 7)
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randint(-3, 4, (13, 11), generator=g).to(dtype) for _ in range(3)]
+    expected = ref.ties([d.double().numpy() for d in deltas], density).reshape(13, 11)  # stable sort: first kept
+    # the float32 mean of small integers is the correctly rounded quotient, then rounded once to the input dtype
+    want = torch.from_numpy(expected).to(torch.float32 if dtype != torch.float64 else dtype).to(dtype)
+    assert torch.equal(F.ties(deltas, density=density), want)
+    trimmed = F.trim_magnitude(torch.stack(deltas).double(), density)
+    assert ((trimmed != 0).sum((1, 2)) <= math.ceil(density * 143)).all()
+    for t, d in enumerate(deltas):  # exactly the reference's kept entries
+        order = np.argsort(-np.abs(d.double().numpy().ravel()), kind="stable")[: math.ceil(density * 143)]
+        want = np.zeros(143)
+        want[order] = d.double().numpy().ravel()[order]
+        np.testing.assert_array_equal(trimmed[t].numpy().ravel(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ties_cut_off_is_exact_on_spread_magnitudes(monkeypatch, dtype):
+    # magnitudes over many binades (the radix select's passes see different high bits), zeros, a 0-d parameter
+    monkeypatch.setattr(merges, "TIES_CHUNK", 1000)
+    g = torch.Generator().manual_seed(4)
+    deltas = [torch.randn(3001, generator=g, dtype=dtype) * torch.logspace(-30, 30, 3001, dtype=dtype)
+              for _ in range(4)]
+    deltas[1][::3] = 0
+    stacked = torch.stack(deltas)
+    for density in (1e-3, 0.2, 0.999):
+        keep = math.ceil(density * 3001)
+        trimmed = F.trim_magnitude(stacked, density)
+        for t, d in enumerate(deltas):  # the kept entries, exactly: the cut-off is the keep-th largest magnitude
+            order = np.argsort(-np.abs(d.numpy()), kind="stable")[:keep]
+            want = np.zeros(3001, dtype=d.numpy().dtype)
+            want[order] = d.numpy()[order]
+            np.testing.assert_array_equal(trimmed[t].numpy(), want)
+        expected = ref.ties([d.numpy() for d in deltas], density)
+        np.testing.assert_allclose(F.ties(deltas, density=density).numpy(), expected, rtol=1e-6, atol=0)
+    scalar = [torch.tensor(2.0), torch.tensor(-1.0)]
+    assert float(F.ties(scalar, density=0.5)) == 2.0
 
 
 def test_average_and_task_arithmetic():
