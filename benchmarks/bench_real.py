@@ -121,8 +121,8 @@ def baseline_tsv_c(deltas: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def ours_tsv_c(deltas: torch.Tensor, solver: str, rank: float | None) -> torch.Tensor:
-    T = deltas.shape[0]
-    return torch.stack([F.tsv_c(d, rank=rank, num_tasks=T, solver=solver).dense() for d in deltas])
+    # the T tasks of a key as one batch, as the command and the callback compress them
+    return torch.stack([t.dense() for t in F.tsv_c_tasks(deltas, rank=rank, solver=solver)])
 
 
 METHODS = {  # name: (the published algorithm written plainly, the package's merge of (T, m, n) task matrices)

@@ -43,6 +43,46 @@ def test_tsv_c_matches_the_naive_reference(m, n, rank, T):
     assert np.allclose(t.dense().numpy(), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["exact", "auto"])
+def test_tsv_c_tasks_is_each_task_truncated_like_the_reference(solver):
+    # the T task matrices of one key as one batch: each is its own rank-k truncation (k = r / T by default)
+    deltas = torch.stack([low_rank_plus_noise(96, 80, 6, 1e-3, seed=t) for t in range(3)]).float()
+    for rank in (None, 5):
+        got = F.tsv_c_tasks(deltas, rank=rank, solver=solver)
+        k = 80 // 3 if rank is None else rank
+        for d, t in zip(deltas, got, strict=True):
+            want, _ = ref.tsv_c(d.double().numpy(), k)
+            assert t.rank == k
+            assert np.linalg.norm(t.dense().double().numpy() - want) <= 1e-4 * np.linalg.norm(want)
+    energy = F.tsv_c_tasks(deltas.double(), energy=0.9, solver="exact")
+    assert [t.rank for t in energy] == [ref.tsv_c(d.numpy(), energy=0.9)[1] for d in deltas.double()]
+
+
+def test_tsv_c_tasks_auto_tries_one_sketch_where_the_first_task_does_not_converge(monkeypatch, tmp_path):
+    # a flat spectrum (no gap at k) on every task: the first sketch fails, so the key takes the exact path and
+    # the other tasks are not sketched (per-task calls sketched every one)
+    from lightning_merge.functional import svd
+
+    sketched = []
+    real = svd._randomized_svd
+    monkeypatch.setattr(svd, "_randomized_svd", lambda x, *a: sketched.append(x.shape[0]) or real(x, *a))
+    flat = torch.stack([spectrum_matrix(256, 256, list(np.linspace(1, 0.5, 256)), seed=t) for t in range(4)])
+    got = F.tsv_c_tasks(flat.float(), rank=16, solver="auto")
+    assert sketched == [1]
+    for d, t in zip(flat.float(), got, strict=True):  # the exact truncation (s_16 - s_17 is 0.2% of s_1)
+        want, _ = ref.tsv_c(d.double().numpy(), 16)
+        assert np.linalg.norm(t.dense().double().numpy() - want) <= 1e-3 * np.linalg.norm(want)
+    sketched.clear()  # the command's path: one sketch per key, not one per task and key
+    base = {"a.weight": torch.zeros(256, 256), "b.weight": torch.zeros(256, 256)}
+    tuned = [{key: flat[t].float() for key in base} for t in range(4)]
+    compress_checkpoints(base, tuned, tmp_path / "c", rank=16, format="safetensors", progress=False)
+    assert sketched == [1, 1]
+    with pytest.raises(ValueError, match="task_matrices"):
+        F.tsv_c_tasks(flat[0], rank=4)
+    with pytest.raises(ValueError, match="finite"):
+        F.tsv_c_tasks(torch.stack([flat[0], flat[1] * float("nan")]), rank=4)
+
+
 def test_randomized_path_matches_the_reference_on_low_rank_plus_noise():
     d = low_rank_plus_noise(256, 192, rank=16, noise=1e-3)
     t = F.tsv_c(d, rank=16, solver="auto")

@@ -225,18 +225,32 @@ def _compress_keys(job: _Job, progress: bool, marks: ReadMarks) -> list[Compress
         for key in bar:
             bar.set_postfix_str(key)
             w0 = job.base.get_tensor(key, job.device)
-            for task, source in zip(tasks, job.finetuned, strict=True):
-                delta = job.method.delta(w0, source.get_tensor(key, job.device))
-                if key in matrices:
-                    task.factors[key] = _on_cpu(_compress(job, key, delta, source))
-                else:
-                    task.dense[key] = delta.cpu()
-                del delta
+            if key in matrices:  # the T task matrices as one batch: "auto" decides from the first one
+                for task, truncation in zip(tasks, _compress_tasks(job, key, w0), strict=True):
+                    task.factors[key] = _on_cpu(truncation)
+            else:
+                for task, source in zip(tasks, job.finetuned, strict=True):
+                    task.dense[key] = job.method.delta(w0, source.get_tensor(key, job.device)).cpu()
             del w0
             for source in job.sources:
                 if (where := source.location(key)) is not None:
                     marks.advance(where[0], where[2])
     return tasks
+
+
+def _compress_tasks(job: _Job, key: str, w0: torch.Tensor) -> list[Any]:
+    first = job.method.delta(w0, job.finetuned[0].get_tensor(key, job.device))
+    deltas = torch.empty((len(job.finetuned), *first.shape), dtype=first.dtype, device=first.device)
+    deltas[0] = first
+    del first
+    for t, source in enumerate(job.finetuned[1:], 1):
+        deltas[t] = job.method.delta(w0, source.get_tensor(key, job.device))
+    try:
+        return job.method.compress_tasks(deltas)
+    except ValueError:  # name the task: the first one whose matrix fails alone
+        for delta, source in zip(deltas, job.finetuned, strict=True):
+            _compress(job, key, delta, source)
+        raise
 
 
 def _compress(job: _Job, key: str, delta: torch.Tensor, source: CheckpointSource) -> Any:

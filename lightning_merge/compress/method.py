@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from lightning_merge.functional._checks import Rank, check_choice, check_rank, compute_dtype
-from lightning_merge.functional.compress import Truncation, check_energy, tsv_c
+from lightning_merge.functional.compress import Truncation, check_energy, tsv_c, tsv_c_tasks
 from lightning_merge.functional.svd import SOLVERS, Solver
 
 __all__ = ["TSVC", "check_task_names", "default_task_names"]
@@ -86,6 +86,11 @@ class TSVC:
     def compress(self, task_matrix: Tensor, num_tasks: int = 1) -> Truncation:
         """The truncation of one ``m x n`` task matrix (:func:`lightning_merge.functional.tsv_c`)."""
         return tsv_c(task_matrix, rank=self.rank, energy=self.energy, num_tasks=num_tasks, solver=self.solver)
+
+    def compress_tasks(self, task_matrices: Tensor) -> list[Truncation]:
+        """The truncations of the ``T`` task matrices ``(T, m, n)`` of one parameter, as one batch
+        (:func:`lightning_merge.functional.tsv_c_tasks`: ``"auto"`` decides for the parameter from its first task)."""
+        return tsv_c_tasks(task_matrices, rank=self.rank, energy=self.energy, solver=self.solver)
 
     def delta(self, base: Tensor, finetuned: Tensor) -> Tensor:
         """``D_t = W_t - W0`` in the compute dtype (float32, float64 for float64 weights): no cancellation in bf16."""

@@ -1,6 +1,13 @@
 """Pure-torch merge math. Never imports Lightning: every function takes one parameter's tensors and returns one."""
 
-from lightning_merge.functional.compress import Truncation, check_energy, compressed_numel, energy_rank, tsv_c
+from lightning_merge.functional.compress import (
+    Truncation,
+    check_energy,
+    compressed_numel,
+    energy_rank,
+    tsv_c,
+    tsv_c_tasks,
+)
 from lightning_merge.functional.lora import (
     LowRankUpdate,
     lora_balance,
@@ -61,6 +68,7 @@ __all__ = [
     "trim_magnitude",
     "truncated_svd",
     "tsv_c",
+    "tsv_c_tasks",
     "tsv_m",
     "tsv_m_factors",
     "use_randomized",
