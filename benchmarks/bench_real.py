@@ -230,6 +230,46 @@ def engine_runs(cache: Path, repeats: int, load: bool, method: str) -> None:
           f" ratio {t['xxh3_128'] / t['none']:.2f} (all: {times})", flush=True)
 
 
+def _rounded(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k: [round(x, 2) for x in v] for k, v in times.items()}
+
+
+def callback_runs(cache: Path, repeats: int, methods: list[str]) -> None:
+    """The whole encoder merged three ways, alternated, medians: the core in memory (``method(base, finetuned)`` per
+    key on tensors already loaded, nothing read or written), ``merge_checkpoints`` from the page cache (no hash),
+    and ``MergeCallback(...).merge_collected(encoder)`` (workflow 2, its ``merge_seconds``: plan, merge, loading
+    into the module; ``save_merged=False``, so nothing is written)."""
+    from lightning_merge.callbacks import MergeCallback
+    from lightning_merge.methods import get_method
+
+    tt = _text_tasks()
+    files = sorted((cache / "full").glob("*.safetensors"))
+    base, tuned = load_real(cache)
+    encoder = tt.TextClassifier(2).encoder
+    print(f"{'method':>10} {'core s':>8} {'engine s':>9} {'callback s':>11} {'engine/core':>12} {'callback/core':>14}")
+    for name in methods:
+        method = get_method(name)
+        times: dict[str, list[float]] = {"core": [], "engine": [], "callback": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for key, w0 in base.items():
+                    method(w0, [t[key] for t in tuned.values()]) if w0.is_floating_point() else w0.clone()
+                times["core"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                merge_checkpoints(method, cache / "base.safetensors", files, Path(tmp) / "out", overwrite=True,
+                                  progress=False, input_hash=None)
+                times["engine"].append(time.perf_counter() - start)
+                callback = MergeCallback(method, base=cache / "base.safetensors",
+                                         finetuned={p.stem: p for p in files}, save_merged=False, progress=False)
+                callback.merge_collected(encoder)
+                times["callback"].append(callback.merge_seconds)
+        t = {side: statistics.median(v) for side, v in times.items()}
+        print(f"{name:>10} {t['core']:8.2f} {t['engine']:9.2f} {t['callback']:11.2f} {t['engine'] / t['core']:12.2f}"
+              f" {t['callback'] / t['core']:14.2f}   (all: {_rounded(times)})",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("/work/cache/real_finetunes"))
@@ -239,7 +279,9 @@ def main() -> None:
     parser.add_argument("--rank", type=lambda v: None if v == "None" else float(v), nargs="*", default=[None, 0.125],
                         help="the rank options to run (None: r // T; 0.125: k = r / 8, where auto tries a sketch)")
     parser.add_argument("--engine-methods", nargs="*", default=["average", "tsv_m"])
-    parser.add_argument("--skip", nargs="*", default=[], choices=["real", "synthetic", "predictions", "engine"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["real", "synthetic", "predictions", "engine", "callback"])
+    parser.add_argument("--callback-methods", nargs="*", default=["tsv_m", "sftm"])
     args = parser.parse_args()
     if not (args.cache / "base.safetensors").exists():
         build_cache(args.cache, args.steps)
@@ -258,6 +300,8 @@ def main() -> None:
                 changed_predictions(base, tuned, core, args.cache)
         if "synthetic" not in args.skip:
             core_table("synthetic", synthetic_deltas(base, T, rank), args.repeats, rank)
+    if "callback" not in args.skip:
+        callback_runs(args.cache, args.repeats, args.callback_methods)
     if "engine" not in args.skip:
         for method in args.engine_methods:
             engine_runs(args.cache, args.repeats, load=False, method=method)

@@ -343,6 +343,12 @@ def test_svd_merge_cost_follows_the_solver_rule():
     F_ = 2 * 384
     assert svd.svd_merge_cost(m, n, 384, 2) == 2 * (4 * m * n * 768 + 8 * 768**3) + 2 * (m + n) * F_**2 + 20 * F_**3
     assert isinstance(svd.svd_merge_cost(4, 4, 1, 1), float)
+    # tall and wide matrices take the Gram route when exact: the SVD's count over the measured speed-up
+    m, n, F_ = 3072, 768, 2 * 384
+    exact = (4 * m * n * 768 + 8 * 768**3) / svd.GRAM_SPEEDUP
+    assert svd.svd_merge_cost(m, n, 384, 2) == svd.svd_merge_cost(n, m, 384, 2) == pytest.approx(
+        2 * exact + 2 * (m + n) * F_**2 + 20 * F_**3, rel=1e-12)
+    assert svd.svd_merge_cost(1535, 768, 384, 2) > svd.svd_merge_cost(1536, 768, 384, 2)  # aspect 2: the Gram
 
 
 def test_truncated_svd_solvers_and_determinism():

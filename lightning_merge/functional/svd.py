@@ -66,8 +66,9 @@ def svd_merge_cost(m: int, n: int, k: int, num_tasks: int, oversample: int = 10)
 
     Per task, the SVD the ``"auto"`` rule picks (:func:`use_randomized`): randomized, 6 products with the matrix
     (``2 niter + 2``, ``niter = 2``) of ``2 m n (k + oversample)`` each, or exact, ``4 m n r + 8 r^3`` with
-    ``r = min(m, n)`` (the SVD's count; the Gram route of :func:`exact_top_k` on tall and wide matrices is cheaper,
-    but the estimates the shard stage balances are kept). Then the factors step on ``F = T k`` features: Gram
+    ``r = min(m, n)`` (the SVD's count), divided by :data:`GRAM_SPEEDUP` where :func:`exact_top_k` takes the Gram
+    route (aspect at least :data:`GRAM_ASPECT`; **a choice**: the measured median speed-up, not a flop count, which
+    would price the float64 Gram above the SVD that it beats). Then the factors step on ``F = T k`` features: Gram
     matrices and products, ``2 (m + n) F^2``, and the ``F x F`` eigendecompositions and solves, ``20 F^3``.
 
     Example:
@@ -79,6 +80,8 @@ def svd_merge_cost(m: int, n: int, k: int, num_tasks: int, oversample: int = 10)
         per_task = 6 * 2 * m * n * (k + oversample)
     else:
         per_task = 4 * m * n * r + 8 * r**3
+        if max(m, n) >= GRAM_ASPECT * r:
+            per_task /= GRAM_SPEEDUP
     features = num_tasks * k
     return float(num_tasks * per_task + 2 * (m + n) * features**2 + 20 * features**3)
 
@@ -169,6 +172,9 @@ def truncated_svd(
 #: The exact path takes the Gram route (:func:`gram_top_k`) for matrices whose long side is at least this many times
 #: their short side (measured, benchmarks/README.md "bench_real.py"); squarer ones go to ``torch.linalg.svd``.
 GRAM_ASPECT = 2.0
+#: How much faster the Gram route is than ``torch.linalg.svd`` at aspect 2-8, for :func:`svd_merge_cost`: 1.4-2.7x
+#: measured on 1536x384 to 3072x768 (benchmarks/README.md, "bench_real.py"); about the median.
+GRAM_SPEEDUP = 1.8
 
 
 def exact_top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
