@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -108,6 +109,15 @@ def measure(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, 
     return seconds, usage.ru_maxrss / 1024
 
 
+def warm(folders: list[Path]) -> None:
+    """Read every input file once, so that each timed run starts with its inputs in the page cache."""
+    for folder in folders:
+        for path in folder.glob("*.safetensors"):
+            with path.open("rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+
+
 def ours(method: str, base: Path, tuned: list[Path], out: Path, ranks: int) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)
     command = ["-m", "lightning_merge.cli", "merge", "--base", str(base), "--finetuned", *map(str, tuned),
@@ -163,6 +173,7 @@ def main() -> None:
     parser.add_argument("--mergekit", default=None, help="path of mergekit-yaml (its own venv), or none")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_llm"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per tool and folder (medians)")
     args = parser.parse_args()
     folders = {}
     for layers in (0, args.layers):
@@ -180,8 +191,15 @@ def main() -> None:
             runs.append(("mergekit-yaml", lambda L, m=method: theirs(args.mergekit, m, folders[L][0], folders[L][1:],
                                                                      args.workdir / f"theirs_{L}")))
         for tool, run in runs:
-            t0, _ = run(0)
-            t1, peak = run(args.layers)
+            times: dict[int, list[float]] = {0: [], args.layers: []}
+            peak = 0.0
+            for _ in range(args.repeats):  # alternated, medians: single runs here vary by seconds
+                for layers in times:
+                    warm(folders[layers])
+                    seconds, rss = run(layers)
+                    times[layers].append(seconds)
+                    peak = max(peak, rss) if layers == args.layers else peak
+            t0, t1 = (statistics.median(times[layers]) for layers in (0, args.layers))
             per_layer = (t1 - t0) / args.layers
             rows.append({"method": method, "tool": tool, "s_layer": per_layer, "s_32": t0 + 32 * per_layer,
                          "peak_mib": peak})

@@ -270,6 +270,52 @@ def callback_runs(cache: Path, repeats: int, methods: list[str]) -> None:
               flush=True)
 
 
+def lora_runs(folder: Path, repeats: int) -> None:
+    """Real LoRA adapters (examples/text_lora_job.py's, one per task): the published algorithm on the densified
+    updates (``scale * B @ A``, then the full SVDs), this package's dense merge of the same matrices (``exact``),
+    and the factored merge of the adapters (:func:`lightning_merge.lora.merge.merge_modules`, never forming a
+    dense matrix); ``err`` is the largest relative distance of a merged update to the dense exact one."""
+    from lightning_merge.lora import load_adapter
+    from lightning_merge.lora.merge import merge_modules
+    from lightning_merge.methods import get_method
+
+    adapters = [load_adapter(p) for p in sorted(folder.iterdir()) if (p / "adapter_config.json").is_file()
+                and p.name != "merged_adapter"]
+    if not adapters:
+        print(f"lora: no adapters under {folder} (run examples/text_lora_job.py --out ...)")
+        return
+    names = sorted(adapters[0].modules)
+    T = len(adapters)
+    ranks = sorted({m.rank for a in adapters for m in a.modules.values()})
+    print(f"lora: {T} adapters of rank {ranks} on {len(names)} modules ({folder}), median of {repeats}")
+    print(f"{'method':>10} {'base s':>8} {'dense exact s':>14} {'factored s':>11} {'x base':>8} {'x dense':>8}"
+          f" {'err base':>9} {'err fact.':>10}")
+    plain = {"tsv_m": baseline_tsv_m, "sftm": baseline_sftm}
+    for name, baseline in plain.items():
+        method = get_method(name)
+        times: dict[str, list[float]] = {"base": [], "dense": [], "factored": []}
+        merged: dict[str, dict[str, torch.Tensor]] = {}
+        for _ in range(repeats):
+            for side in times:
+                out: dict[str, torch.Tensor] = {}
+                start = time.perf_counter()
+                for module in names:
+                    parts = [a.modules[module] for a in adapters]
+                    if side == "factored":
+                        update = merge_modules(method, parts)
+                        out[module] = update.scale * (update.B @ update.A)
+                        continue
+                    deltas = torch.stack([p.scale * (p.lora_B.float() @ p.lora_A.float()) for p in parts])
+                    k = resolve_rank(None, min(deltas.shape[-2:]), T)
+                    out[module] = baseline(deltas, k) if side == "base" else method.merge(deltas)
+                times[side].append(time.perf_counter() - start)
+                merged[side] = out
+        t = {side: statistics.median(v) for side, v in times.items()}
+        err = {side: max(rel_err(merged[side][m], merged["dense"][m]) for m in names) for side in ("base", "factored")}
+        print(f"{name:>10} {t['base']:8.2f} {t['dense']:14.2f} {t['factored']:11.3f} {t['base'] / t['factored']:8.0f}"
+              f" {t['dense'] / t['factored']:8.0f} {err['base']:9.1e} {err['factored']:10.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path("/work/cache/real_finetunes"))
@@ -280,7 +326,9 @@ def main() -> None:
                         help="the rank options to run (None: r // T; 0.125: k = r / 8, where auto tries a sketch)")
     parser.add_argument("--engine-methods", nargs="*", default=["average", "tsv_m"])
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["real", "synthetic", "predictions", "engine", "callback"])
+                        choices=["real", "synthetic", "predictions", "engine", "callback", "lora"])
+    parser.add_argument("--lora", type=Path, default=Path("/work/cache/real_lora/merge"),
+                        help="a folder of peft adapters (examples/text_lora_job.py --out DIR writes DIR/merge)")
     parser.add_argument("--callback-methods", nargs="*", default=["tsv_m", "sftm"])
     args = parser.parse_args()
     if not (args.cache / "base.safetensors").exists():
@@ -300,6 +348,12 @@ def main() -> None:
                 changed_predictions(base, tuned, core, args.cache)
         if "synthetic" not in args.skip:
             core_table("synthetic", synthetic_deltas(base, T, rank), args.repeats, rank)
+    other_sections(args)
+
+
+def other_sections(args: argparse.Namespace) -> None:
+    if "lora" not in args.skip:
+        lora_runs(args.lora, args.repeats)
     if "callback" not in args.skip:
         callback_runs(args.cache, args.repeats, args.callback_methods)
     if "engine" not in args.skip:
