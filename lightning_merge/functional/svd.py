@@ -76,6 +76,7 @@ def svd_merge_cost(m: int, n: int, k: int, num_tasks: int, oversample: int = 10)
         True
     """
     r = min(m, n)
+    per_task: float
     if use_randomized(k, r, oversample):
         per_task = 6 * 2 * m * n * (k + oversample)
     else:
