@@ -207,9 +207,13 @@ def test_adapters_and_compress_refuse_many_processes(tmp_path, monkeypatch, caps
 # ---------------------------------------------------------------------- the watchdog, in spawned processes
 
 
-def _watched_rank(rank: int, port: int, mode: str, folder: str) -> None:
-    """One rank: rank 1 fails (raises, or is killed) at once; rank 0 works for up to a minute."""
+def _watched_rank(rank: int, port: int, mode: str, folder: str, sigint: str = "python") -> None:
+    """One rank: rank 1 fails (raises, or is killed) at once; rank 0 works for up to a minute. ``sigint``: Python's
+    handler, or SIGINT ignored as in a process started with ``&`` by a non-interactive shell."""
     import torch.distributed as dist
+
+    # either way whatever the test runner inherited (a runner started with `&` passes SIGINT ignored on)
+    signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     ranks = Ranks()
@@ -231,13 +235,14 @@ def _watched_rank(rank: int, port: int, mode: str, folder: str) -> None:
     Path(folder, f"rank{rank}").write_text(f"{time.monotonic() - start}\n{outcome}")
 
 
-@pytest.mark.parametrize("mode", ["raises", "killed"])
-def test_watchdog_stops_a_busy_rank_within_seconds(tmp_path, mode):
+@pytest.mark.parametrize(("mode", "sigint"), [("raises", "python"), ("killed", "python"), ("raises", "ignored")])
+def test_watchdog_stops_a_busy_rank_within_seconds(tmp_path, mode, sigint):
     """Rank 1 raises (or is SIGKILLed) at once while rank 0 is in the middle of a minute of work: rank 0 stops
-    with RankFailedError well within STOP_S, with rank 1's message (or that it was lost)."""
+    with RankFailedError well within STOP_S, with rank 1's message (or that it was lost); also when the ranks
+    inherited SIGINT ignored (started in the background: rank 0 then worked on for the whole minute)."""
     ctx = multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_watched_rank, args=(r, port, mode, str(tmp_path))) for r in (0, 1)]
+    procs = [ctx.Process(target=_watched_rank, args=(r, port, mode, str(tmp_path), sigint)) for r in (0, 1)]
     for proc in procs:
         proc.start()
     for proc in procs:

@@ -198,7 +198,8 @@ class Ranks:
         other ranks have heard of it. Every rank returns only once every rank has finished its ``work``."""
         dog = _Watchdog(self._watch, self.rank, self.world_size)
         try:
-            result = work()
+            with _interruptible(dog):
+                result = work()
         except KeyboardInterrupt:
             if dog.peer_error is None:  # a real interrupt: tell the others, then stop
                 dog.fail("KeyboardInterrupt: interrupted")
@@ -213,6 +214,36 @@ class Ranks:
         if dog.peer_error is not None:
             raise RankFailedError(dog.peer_error)
         return result
+
+
+@contextlib.contextmanager
+def _interruptible(dog: _Watchdog) -> Iterator[None]:
+    """Make the watchdog's ``SIGINT`` reach Python in the main thread while ``work`` runs.
+
+    A process started in the background by a non-interactive shell (``torchrun ... &``, ``nohup``) inherits
+    ``SIGINT`` ignored, and Python then installs no handler: the watchdog's signal did nothing and a busy rank
+    worked on for minutes after a peer failed. **(choice)** While the work runs, an ignored ``SIGINT`` is replaced
+    by a handler that raises only for the watchdog (a stray ``SIGINT`` stays ignored), and a default one (``SIG_DFL``,
+    the process would die without clean-up) by one that raises ``KeyboardInterrupt``; the previous disposition is
+    restored afterwards. Python's own handler, or the user's, is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous not in (signal.SIG_IGN, signal.SIG_DFL):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if previous is signal.SIG_DFL or dog.peer_error is not None:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Watchdog:
