@@ -210,9 +210,9 @@ def tsv_c_tasks(
         return [tsv_c(d, rank=rank, energy=energy, num_tasks=T, solver=solver, oversample=oversample, niter=niter)
                 for d in task_matrices]
     check_rank(rank)
-    for one in task_matrices:
+    d = task_matrices.to(compute_dtype(task_matrices.dtype)) if task_matrices.is_floating_point() else task_matrices
+    for one in d:  # slices of the converted batch: checking copies nothing
         _check_matrix(one)
-    d = task_matrices.to(compute_dtype(task_matrices.dtype))
     k = resolve_rank(rank, min(d.shape[-2:]), T)
     U, S, V = truncated_svd(d, k, solver=solver, oversample=oversample, niter=niter)
     return [_drop_zero(*parts, d.shape[-2:]) for parts in zip(U, S, V, strict=True)]

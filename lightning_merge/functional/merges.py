@@ -9,7 +9,7 @@ systems in float64). Inputs are never modified; nothing here chooses a device or
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -153,8 +153,10 @@ TIES_CHUNK = 1 << 20
 whatever the parameter's size."""
 
 
-def _chunks(size: int) -> range:
-    return range(0, size, TIES_CHUNK)
+def _chunks(size: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive ranges of ``TIES_CHUNK`` entries (the last one shorter) covering ``size``."""
+    for start in range(0, size, TIES_CHUNK):
+        yield start, min(start + TIES_CHUNK, size)
 
 
 def _cut_off(row: Tensor, keep: int) -> tuple[Tensor, int]:
@@ -170,8 +172,8 @@ def _cut_off(row: Tensor, keep: int) -> tuple[Tensor, int]:
     prefix, rank = 0, keep  # the cut-off is the rank-th largest of the entries whose high bits are `prefix`
     for shift in range(bits - 16, -1, -16):
         counts = torch.zeros(1 << 16, dtype=torch.int64, device=row.device)
-        for start in _chunks(row.numel()):
-            pattern = row[start:start + TIES_CHUNK].abs().view(as_int)
+        for start, stop in _chunks(row.numel()):
+            pattern = row[start:stop].abs().view(as_int)
             if shift < bits - 16:
                 pattern = pattern[(pattern >> (shift + 16)) == prefix]
             counts += torch.bincount(((pattern >> shift) & 0xFFFF).long(), minlength=1 << 16)
@@ -182,23 +184,23 @@ def _cut_off(row: Tensor, keep: int) -> tuple[Tensor, int]:
     return torch.tensor(prefix, dtype=as_int).view(row.dtype).to(row.device), rank
 
 
-def _trim_masks(deltas: Tensor, density: float) -> Callable[[int, int], Tensor]:
-    """``mask(start, stop)``: which entries ``start:stop`` of each flattened ``deltas[t]`` TIES keeps, the
+def _trim_masks(flat: Tensor, density: float) -> Callable[[int, int], Tensor]:
+    """``mask(start, stop)``: which entries ``start:stop`` of each contiguous row ``flat[t]`` TIES keeps, the
     ``ceil(density * numel)`` largest magnitudes of each task vector; at the cut-off, magnitudes that tie are kept
     in index order (the first ones), so the result does not depend on a sort's order. Called with consecutive
     ranges from 0."""
-    tasks, size = deltas.shape[0], deltas[0].numel()
+    tasks, size = flat.shape
     keep = math.ceil(density * size)
     if keep >= size:
-        return lambda start, stop: torch.ones((tasks, stop - start), dtype=torch.bool, device=deltas.device)
-    cut_offs = [_cut_off(deltas[t].reshape(-1), keep) for t in range(tasks)]
+        return lambda start, stop: torch.ones((tasks, stop - start), dtype=torch.bool, device=flat.device)
+    cut_offs = [_cut_off(row, keep) for row in flat]
     cut = torch.stack([c for c, _ in cut_offs]).unsqueeze(1)
     at_cut = [n for _, n in cut_offs]  # entries at the cut-off still to keep, per task
 
     def mask(start: int, stop: int) -> Tensor:
-        size_ = deltas.reshape(tasks, -1)[:, start:stop].abs()
-        kept = size_ > cut
-        equal = size_ == cut
+        magnitude = flat[:, start:stop].abs()
+        kept = magnitude > cut
+        equal = magnitude == cut
         for t in range(tasks):
             if at_cut[t]:
                 kept[t] |= equal[t] & (equal[t].cumsum(0) <= at_cut[t])
@@ -212,11 +214,11 @@ def trim_magnitude(deltas: Tensor, density: float) -> Tensor:
     """Keep the ``ceil(density * numel)`` largest-magnitude entries of each ``deltas[t]``, zero the rest; magnitudes
     that tie at the cut-off are kept in index order (row-major), the first ones."""
     check_density(density)
-    flat = deltas.reshape(deltas.shape[0], -1)  # not flatten(1): 0-d parameters (e.g. a logit scale) are (T,)
+    # not flatten(1): 0-d parameters (e.g. a logit scale) are (T,); one copy if `deltas` is not contiguous
+    flat = deltas.reshape(deltas.shape[0], -1).contiguous()
     out = torch.empty_like(flat)
-    mask = _trim_masks(deltas, density)
-    for start in _chunks(flat.shape[1]):
-        stop = min(start + TIES_CHUNK, flat.shape[1])
+    mask = _trim_masks(flat, density)
+    for start, stop in _chunks(flat.shape[1]):
         torch.mul(flat[:, start:stop], mask(start, stop), out=out[:, start:stop])
     return out.view_as(deltas)
 
@@ -249,10 +251,9 @@ def ties(
     check_weights(weights)
     stacked = stack_task_vectors(task_vectors, weights).contiguous()
     flat = stacked.reshape(stacked.shape[0], -1)
-    mask = _trim_masks(stacked, density)
+    mask = _trim_masks(flat, density)
     merged = torch.empty(flat.shape[1], dtype=flat.dtype, device=flat.device)
-    for start in _chunks(flat.shape[1]):  # a chunk at a time: temporaries of a few (T, TIES_CHUNK), not (T, numel)
-        stop = min(start + TIES_CHUNK, flat.shape[1])
+    for start, stop in _chunks(flat.shape[1]):  # temporaries of a few (T, TIES_CHUNK), not (T, numel)
         trimmed = flat[:, start:stop] * mask(start, stop)
         elected = torch.sign(trimmed.sum(0))
         agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
