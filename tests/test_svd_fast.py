@@ -134,6 +134,7 @@ def test_auto_takes_the_exact_path_for_the_whole_key_when_the_rest_does_not_conv
     k = 24
     mixed = torch.stack([low_rank(m, n, k, 0), power_law(m, n, 1), low_rank(m, n, k, 2)])
     auto, exact = F.truncated_svd(mixed, k, solver="auto"), F.truncated_svd(mixed, k, solver="exact")
+    assert not torch.equal(F.truncated_svd(mixed[0], k, solver="auto")[1], exact[1][0])  # alone, it is sketched
     assert all(torch.equal(a, b) for a, b in zip(auto, exact, strict=True))
     for t in range(3):
         assert np.allclose(exact[1][t].double().numpy(), reference(mixed[t], k)[1], rtol=1e-4)
